@@ -1,0 +1,116 @@
+"""Open one rank tier of a bundle for on-device training: the seam between export and the SDK.
+
+Each tier ships a nominal checkpoint (parameter names and shapes, no values). Opening fills it
+from the shared base weights (stored once for all tiers) and the tier's initial trainable
+values, in one contiguous buffer laid out in the training graph's parameter order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load_file
+
+from edge_sdk.manifest import BundleError, Manifest, Tier, read_manifest
+from edge_sdk.ort_training import CheckpointState, Module, Optimizer
+
+
+@dataclass
+class OpenedTier:
+    """A tier ready to train: the ORT module (training + eval graphs) and its checkpoint state."""
+
+    root: Path
+    manifest: Manifest
+    tier: Tier
+    state: CheckpointState
+    module: Module
+
+    def path(self, name: str) -> Path:
+        """A file of this tier."""
+        return self.root / self.tier.dir / name
+
+    def new_optimizer(self) -> Optimizer:
+        """A fresh AdamW optimizer over the trainable parameters (zeroed moments)."""
+        return Optimizer(str(self.path(self.tier.optimizer_model)), self.module)
+
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the current trainable tensors, by ONNX name."""
+        return {name: np.array(param.data) for name, param in self.state.parameters if param.requires_grad}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_base_weights(root: Path, manifest: Manifest, verify: bool = True) -> dict[str, np.ndarray]:
+    """The frozen base weights, checked against the manifest's SHA-256 unless `verify` is off."""
+    path = root / manifest.base_weights["file"]
+    if not path.is_file():
+        raise BundleError(f"Bundle is incomplete: {path.name} is missing. Re-export it.")
+    if verify and sha256_file(path) != manifest.base_weights["sha256"]:
+        raise BundleError(f"{path} does not match the manifest's SHA-256: the bundle is corrupt. Re-export it.")
+    return load_file(str(path))
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Session options with a fixed intra-op thread count (None: onnxruntime's default)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
+def open_tier(
+    bundle: str | Path,
+    rank: int,
+    device: str = "cpu",
+    threads: int | None = None,
+    base_weights: dict[str, np.ndarray] | None = None,
+) -> OpenedTier:
+    """Open tier `rank` of `bundle` with its parameters filled; pass `base_weights` to reuse a loaded copy."""
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    tier = manifest.tier(rank)
+    tier_dir = root / tier.dir
+    for name in (tier.training_model, tier.eval_model, tier.optimizer_model, tier.checkpoint, tier.trainable_init):
+        if not (tier_dir / name).is_file():
+            raise BundleError(f"Bundle tier r={rank} is incomplete: {tier.dir}/{name} is missing. Re-export it.")
+    base = base_weights if base_weights is not None else load_base_weights(root, manifest)
+    init = load_file(str(tier_dir / tier.trainable_init))
+    state = CheckpointState.load_checkpoint(str(tier_dir / tier.checkpoint))
+    module = Module(
+        str(tier_dir / tier.training_model),
+        state,
+        str(tier_dir / tier.eval_model),
+        device=device,
+        session_options=session_options(threads),
+    )
+    buffer = _parameter_buffer(tier, base, init)
+    if buffer.size != module.get_parameters_size(trainable_only=False):
+        raise BundleError(
+            f"Tier r={rank}: the manifest describes {buffer.size} parameter values but the graph has "
+            f"{module.get_parameters_size(trainable_only=False)}; the bundle is inconsistent. Re-export it."
+        )
+    module.copy_buffer_to_parameters(ort.OrtValue.ortvalue_from_numpy(buffer)._ortvalue, trainable_only=False)
+    return OpenedTier(root=root, manifest=manifest, tier=tier, state=state, module=module)
+
+
+def _parameter_buffer(tier: Tier, base: dict[str, np.ndarray], init: dict[str, np.ndarray]) -> np.ndarray:
+    """All parameters, flattened into one float32 buffer in the training graph's input order."""
+    parts = []
+    for name in tier.parameter_order:
+        source = init if name in init else base
+        if name not in source:
+            raise BundleError(f"Parameter '{name}' of tier r={tier.rank} is in neither the base weights nor the tier init.")
+        parts.append(np.ascontiguousarray(source[name], dtype=np.float32).ravel())
+    return np.concatenate(parts)

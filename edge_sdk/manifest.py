@@ -1,0 +1,133 @@
+"""The bundle manifest: the one description of a bundle that export writes and the SDK and aggregator read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT = "fedpeft-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle is missing, incomplete or of an unsupported format."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, element type and named (dynamic) axes."""
+
+    name: str
+    dtype: str
+    axes: list[str]
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One LoRA-wrapped layer: ΔW = scaling · B @ A with A (r × in) and B (out × r)."""
+
+    layer: str
+    a: str
+    b: str
+    a_shape: list[int]
+    b_shape: list[int]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a_shape[0]
+
+
+@dataclass(frozen=True)
+class Tier:
+    """The graphs, checkpoint and parameter layout of one LoRA rank."""
+
+    rank: int
+    dir: str
+    training_model: str
+    eval_model: str
+    optimizer_model: str
+    checkpoint: str
+    trainable_init: str
+    inference_model: str
+    parameter_order: list[str]
+    trainable: list[str]
+    trainable_count: int
+    lora_pairs: list[LoraPair]
+    parity_max_abs_diff: float | None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Tier:
+        return cls(**{**data, "lora_pairs": [LoraPair(**p) for p in data["lora_pairs"]]})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a device or the aggregator needs to know about a bundle."""
+
+    format: str
+    format_version: int
+    created_by: str
+    base_model: dict
+    task: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    label_input: TensorSpec
+    labels: list[str]
+    max_seq_len: int
+    opset: int
+    lora: dict
+    base_weights: dict
+    tokenizer: dict
+    peft_keys: dict[str, str]
+    tiers: list[Tier] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [t.rank for t in self.tiers]
+
+    def tier(self, rank: int) -> Tier:
+        """The tier of exactly this rank."""
+        for tier in self.tiers:
+            if tier.rank == rank:
+                return tier
+        raise BundleError(f"This bundle has no tier r={rank}; its tiers are {self.ranks}.")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise BundleError(f"Not a FedPEFT bundle manifest (format={data.get('format')!r}).")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"Bundle format version {data.get('format_version')} is not supported by this SDK "
+                f"(it reads version {FORMAT_VERSION}); re-export the bundle with a matching fedpeft-export."
+            )
+        try:
+            return cls(
+                **{
+                    **data,
+                    "inputs": [TensorSpec(**t) for t in data["inputs"]],
+                    "outputs": [TensorSpec(**t) for t in data["outputs"]],
+                    "label_input": TensorSpec(**data["label_input"]),
+                    "tiers": [Tier.from_dict(t) for t in data["tiers"]],
+                }
+            )
+        except (KeyError, TypeError) as err:
+            raise BundleError(f"Malformed bundle manifest: {err}") from err
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    """Read and check `manifest.json` of a bundle folder."""
+    path = Path(bundle) / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"'{bundle}' is not a bundle: {MANIFEST_FILE} is missing. Create one with fedpeft-export.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path} is not valid JSON: {err}") from err
+    return Manifest.from_dict(data)

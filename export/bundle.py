@@ -1,0 +1,364 @@
+"""Write a FedPEFT bundle: per-tier onnxruntime-training artifacts over base weights stored once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from safetensors.numpy import save_file
+
+from edge_sdk.bundle import open_tier, sha256_file
+from edge_sdk.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, Manifest, TensorSpec, Tier
+from export import __version__
+from export.errors import ExportError
+from export.graph import OUTPUT_NAME, export_forward, frozen_initializers
+from export.model import WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs
+
+BASE_WEIGHTS_FILE = "base_weights.safetensors"
+TOKENIZER_DIR = "tokenizer"
+PARITY_TOLERANCE = 1e-4
+MAX_IR_VERSION = 10
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export; mirrors the `fedpeft-export` options."""
+
+    model: str | None = None
+    task: str = "seq-cls"
+    num_labels: int | None = 2
+    target_modules: tuple[str, ...] | str | None = None
+    ranks: tuple[int, ...] = (2, 4, 8, 16)
+    alpha: float = 16.0
+    train_head: bool = True
+    max_seq_len: int = 128
+    opset: int = 17
+
+
+def export_bundle(
+    out: str | Path,
+    options: ExportOptions,
+    force: bool = False,
+    on_tier: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Export `options.model` to the bundle folder `out`, atomically; `on_tier(rank)` reports progress."""
+    out = Path(out).resolve()
+    _check_options(options)
+    if out.exists() and not force:
+        raise ExportError(f"'{out}' already exists; pass --force to replace it.")
+    model_dir = resolve_model_dir(options.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = _write_bundle(work, model_dir, options, on_tier)
+        _replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_options(options: ExportOptions) -> None:
+    from export.model import TASKS
+
+    if options.task not in TASKS:
+        raise ExportError(f"Unsupported task '{options.task}'; choose one of {', '.join(TASKS)}.")
+    if not options.ranks:
+        raise ExportError("At least one rank tier is needed (--ranks 2,4,8,16).")
+    bad = [r for r in options.ranks if not isinstance(r, int) or isinstance(r, bool) or r <= 0]
+    if bad:
+        raise ExportError(f"Ranks must be positive integers; got {bad}.")
+    if options.task == "causal-lm" and options.train_head:
+        raise ExportError("causal-lm trains LoRA only: the LM head is tied to the embeddings. Pass --no-train-head.")
+    if options.max_seq_len <= 0:
+        raise ExportError("--max-seq-len must be positive.")
+
+
+def _replace(work: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old bundle is removed only after the new one is in."""
+    if not out.exists():
+        os.replace(work, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "bundle")
+    try:
+        os.replace(work, out)
+    except OSError:
+        os.replace(old / "bundle", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_bundle(
+    work: Path, model_dir: Path, options: ExportOptions, on_tier: Callable[[int], None] | None
+) -> Manifest:
+    ort.set_default_logger_severity(3)
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    base: dict[str, np.ndarray] | None = None
+    tiers: list[Tier] = []
+    references: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
+    first: LoadedModel | None = None
+    for rank in sorted(set(options.ranks)):
+        loaded = load_lora_model(
+            model_dir,
+            options.task,
+            rank,
+            options.alpha,
+            list(options.target_modules) if isinstance(options.target_modules, tuple) else options.target_modules,
+            options.train_head,
+            options.num_labels,
+        )
+        sample = sample_inputs(loaded.task, loaded.config)
+        graph = export_forward(loaded, sample, options.opset)
+        frozen = {init.name: numpy_helper.to_array(init) for init in frozen_initializers(graph, loaded.trainable)}
+        if base is None:
+            base, first = frozen, loaded
+            save_file(base, str(work / BASE_WEIGHTS_FILE))
+        else:
+            _check_same_base(base, frozen, rank)
+        tiers.append(_write_tier(work, rank, loaded, graph))
+        with torch.no_grad():
+            references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
+        if on_tier is not None:
+            on_tier(rank)
+    assert first is not None and base is not None
+    tokenizer = _write_tokenizer(work, model_dir, options.task)
+    manifest = Manifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        created_by=f"fedpeft-export {__version__}",
+        base_model=_describe_base(model_dir, first.config),
+        task=options.task,
+        inputs=[TensorSpec(name, dtype, list(axes)) for name, dtype, axes in first.task.inputs],
+        outputs=[TensorSpec(OUTPUT_NAME, "float32", ["tokens" if first.task.flatten_logits else "batch", "classes"])],
+        label_input=TensorSpec("labels", "int64", list(first.task.label_shape)),
+        labels=_labels(first.config, options.task),
+        max_seq_len=options.max_seq_len,
+        opset=options.opset,
+        lora={
+            "target_modules": first.target_modules,
+            "alpha": options.alpha,
+            "dropout": 0.0,
+            "train_head": options.train_head,
+            "ignore_index": IGNORE_INDEX,
+        },
+        base_weights={
+            "file": BASE_WEIGHTS_FILE,
+            "sha256": sha256_file(work / BASE_WEIGHTS_FILE),
+            "tensors": len(base),
+            "parameters": int(sum(v.size for v in base.values())),
+        },
+        tokenizer=tokenizer,
+        peft_keys=first.peft_keys,
+        tiers=tiers,
+    )
+    (work / MANIFEST_FILE).write_text(manifest.to_json())
+    checked = [replace(t, parity_max_abs_diff=_verify_tier(work, t, *references[t.rank])) for t in tiers]
+    manifest = replace(manifest, tiers=checked)
+    (work / MANIFEST_FILE).write_text(manifest.to_json())
+    return manifest
+
+
+def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray], rank: int) -> None:
+    if base.keys() != frozen.keys() or any(not np.array_equal(base[k], frozen[k]) for k in base):
+        raise ExportError(f"Tier r={rank} exported different frozen base weights than the first tier.")
+
+
+def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto) -> Tier:
+    """Generate the training/eval/optimizer graphs, nominal checkpoint, initial values and inference graph."""
+    from onnxruntime.training import artifacts, onnxblock
+
+    tier_dir = work / "tiers" / f"r{rank}"
+    tier_dir.mkdir(parents=True)
+    trainable = loaded.trainable
+    inits = {init.name: init for init in graph.graph.initializer}
+    save_file({n: numpy_helper.to_array(inits[n]) for n in trainable}, str(tier_dir / "trainable_init.safetensors"))
+    frozen_names = [init.name for init in frozen_initializers(graph, trainable)]
+    with _native_stderr_captured(f"generating training artifacts for r={rank}"):
+        artifacts.generate_artifacts(
+            graph,
+            requires_grad=trainable,
+            frozen_params=frozen_names,
+            loss=onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
+            optimizer=artifacts.OptimType.AdamW,
+            artifact_directory=tier_dir,
+            additional_output_names=[OUTPUT_NAME],
+            nominal_checkpoint=True,
+        )
+    (tier_dir / "checkpoint").unlink()
+    _cap_ir_version(tier_dir / "optimizer_model.onnx")
+    training = onnx.load(str(tier_dir / "training_model.onnx"))
+    params = set(trainable) | set(frozen_names)
+    order = [i.name for i in training.graph.input if i.name in params]
+    _write_inference_graph(graph, tier_dir / "inference_model.onnx", frozen_names, work / BASE_WEIGHTS_FILE)
+    return Tier(
+        rank=rank,
+        dir=f"tiers/r{rank}",
+        training_model="training_model.onnx",
+        eval_model="eval_model.onnx",
+        optimizer_model="optimizer_model.onnx",
+        checkpoint="nominal_checkpoint",
+        trainable_init="trainable_init.safetensors",
+        inference_model="inference_model.onnx",
+        parameter_order=order,
+        trainable=trainable,
+        trainable_count=int(sum(int(np.prod(inits[n].dims)) for n in trainable)),
+        lora_pairs=[LoraPair(**p) for p in loaded.lora_pairs],
+        parity_max_abs_diff=None,
+    )
+
+
+@contextlib.contextmanager
+def _native_stderr_captured(what: str) -> Iterator[None]:
+    """Hold back onnxruntime's native INFO log (the graph builder ignores the Python log level).
+
+    The captured text is shown only when the step fails.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except Exception as err:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            tail = sink.read()[-4000:].decode(errors="replace")
+            raise ExportError(f"onnxruntime failed while {what}: {err}\n{tail}") from err
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _cap_ir_version(path: Path) -> None:
+    """onnx ≥ 1.18 stamps IR version 11+, which onnxruntime 1.19 refuses; the graphs need nothing newer."""
+    model = onnx.load(str(path))
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+        onnx.save(model, str(path))
+
+
+def _write_inference_graph(graph: onnx.ModelProto, path: Path, frozen: list[str], weights: Path) -> None:
+    """Forward-only graph (dropout off) whose frozen initializers point into the shared safetensors file.
+
+    safetensors stores raw little-endian row-major tensors after a JSON header, which is exactly
+    ONNX's external-data layout, so the base weights serve inference without a second copy.
+    """
+    header, data_start = _safetensors_header(weights)
+    location = os.path.relpath(weights, path.parent)
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    for node in model.graph.node:
+        if node.op_type == "Dropout":
+            del node.input[2:]
+    frozen_set = set(frozen)
+    for init in model.graph.initializer:
+        if init.name not in frozen_set:
+            continue
+        begin, end = header[init.name]["data_offsets"]
+        init.ClearField("raw_data")
+        init.ClearField("float_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        del init.external_data[:]
+        for key, value in (("location", location), ("offset", str(data_start + begin)), ("length", str(end - begin))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where tensor data starts."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    return header, 8 + size
+
+
+def _verify_tier(work: Path, tier: Tier, feeds: list[np.ndarray], reference: np.ndarray) -> float:
+    """Open the written tier as a device would; check the trainable set and logits against peft.
+
+    Returns the largest absolute logit difference over the eval and inference graphs.
+    """
+    opened = open_tier(work, tier.rank)
+    trainable = {name for name, param in opened.state.parameters if param.requires_grad}
+    if trainable != set(tier.trainable):
+        raise ExportError(
+            f"Tier r={tier.rank}: trainable set differs from LoRA(+head): "
+            f"extra {sorted(trainable - set(tier.trainable))[:3]}, missing {sorted(set(tier.trainable) - trainable)[:3]}."
+        )
+    labels = np.zeros(reference.shape[0], dtype=np.int64)
+    opened.module.eval()
+    _, eval_logits = opened.module(*feeds, labels)
+    inference = ort.InferenceSession(str(work / tier.dir / tier.inference_model), providers=["CPUExecutionProvider"])
+    names = [spec.name for spec in opened.manifest.inputs]
+    (inference_logits,) = inference.run([OUTPUT_NAME], dict(zip(names, feeds)))
+    diffs = {
+        "eval": float(np.max(np.abs(eval_logits - reference))),
+        "inference": float(np.max(np.abs(inference_logits - reference))),
+    }
+    for graph, diff in diffs.items():
+        if not diff <= PARITY_TOLERANCE:
+            raise ExportError(
+                f"Tier r={tier.rank}: ORT {graph} logits differ from the peft model by {diff:.2e} (> {PARITY_TOLERANCE})."
+            )
+    return max(diffs.values())
+
+
+def _write_tokenizer(work: Path, model_dir: Path, task: str) -> dict:
+    """Save tokenizer.json (fast tokenizer) for text tasks so devices tokenize with `tokenizers` alone."""
+    if task == "img-cls":
+        preprocessor = model_dir / "preprocessor_config.json"
+        if preprocessor.is_file():
+            shutil.copy2(preprocessor, work / "preprocessor_config.json")
+            return {"preprocessor": "preprocessor_config.json"}
+        return {}
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"No usable tokenizer in '{model_dir}': {err}") from err
+    if not tokenizer.is_fast:
+        raise ExportError(f"The tokenizer of '{model_dir}' has no fast (tokenizer.json) form for devices.")
+    target = work / TOKENIZER_DIR
+    tokenizer.save_pretrained(str(target))
+    return {
+        "dir": TOKENIZER_DIR,
+        "file": f"{TOKENIZER_DIR}/tokenizer.json",
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        "files": sorted(p.name for p in target.iterdir()),
+    }
+
+
+def _describe_base(model_dir: Path, config: dict) -> dict:
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    return {
+        "name": config.get("_name_or_path") or model_dir.name,
+        "path": str(model_dir),
+        "model_type": config.get("model_type"),
+        "weights_sha256": {p.name: sha256_file(p) for p in weights},
+        "random_init": not weights,
+        "config": {k: config[k] for k in ("vocab_size", "image_size", "num_channels", "hidden_size") if k in config},
+    }
+
+
+def _labels(config: dict, task: str) -> list[str]:
+    if task == "causal-lm":
+        return []
+    id2label = config.get("id2label") or {}
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(len(id2label))]

@@ -1,0 +1,79 @@
+"""TorchScript ONNX export of the LoRA model and the graph repairs onnxruntime-training 1.19 needs."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+
+from export.errors import ExportError
+from export.model import LoadedModel
+
+OUTPUT_NAME = "logits"
+
+
+def export_forward(loaded: LoadedModel, sample: list[torch.Tensor], opset: int) -> onnx.ModelProto:
+    """Export the forward graph in TRAINING mode with constant folding off.
+
+    EVAL mode de-duplicates equal initializers (zero lora_B tensors collapse into one) and folding
+    turns LoRA weights into constants; both would leave LoRA untrainable.
+    """
+    dynamic_axes = {name: dict(enumerate(axes)) for name, _, axes in loaded.task.inputs}
+    dynamic_axes[OUTPUT_NAME] = {0: "batch"} if not loaded.task.flatten_logits else {0: "tokens"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            loaded.wrapper,
+            tuple(sample),
+            buffer,
+            input_names=[name for name, _, _ in loaded.task.inputs],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            training=torch.onnx.TrainingMode.TRAINING,
+            do_constant_folding=False,
+            export_params=True,
+            dynamo=False,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    add_missing_optional_outputs(model)
+    check_trainable_initializers(model, loaded.trainable)
+    return model
+
+
+def add_missing_optional_outputs(model: onnx.ModelProto) -> None:
+    """Give LayerNormalization (Mean, InvStdDev) and Dropout (mask) their optional outputs.
+
+    onnxruntime-training 1.19's gradient builder indexes those outputs and fails without them.
+    """
+    wanted = {"LayerNormalization": 3, "Dropout": 2}
+    for index, node in enumerate(model.graph.node):
+        total = wanted.get(node.op_type)
+        if total is None:
+            continue
+        while len(node.output) < total:
+            node.output.append(f"{node.name or node.op_type}_{index}_opt_out{len(node.output)}")
+
+
+def check_trainable_initializers(model: onnx.ModelProto, trainable: list[str]) -> None:
+    """Every trainable parameter must be a distinct initializer of the graph, not a folded constant."""
+    names = {init.name for init in model.graph.initializer}
+    missing = [name for name in trainable if name not in names]
+    if missing:
+        raise ExportError(
+            f"{len(missing)} trainable parameters are not graph initializers after export "
+            f"(folded or de-duplicated), e.g. {missing[:3]}."
+        )
+
+
+def frozen_initializers(model: onnx.ModelProto, trainable: list[str]) -> list[onnx.TensorProto]:
+    """The float initializers that stay frozen: the shared base weights."""
+    skip = set(trainable)
+    return [
+        init
+        for init in model.graph.initializer
+        if init.name not in skip and init.data_type == onnx.TensorProto.FLOAT
+    ]

