@@ -1,0 +1,47 @@
+"""Shared fixtures: one real MiniLM bundle per session and a torch-free subprocess runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_RANKS = (2, 8)
+
+# Makes torch, transformers and peft unimportable, as on a device that ships without them.
+_NO_TORCH_PREAMBLE = """
+import importlib.abc, sys
+class _DeviceHasNoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft"):
+            raise ImportError(f"{name} is not installed on this device")
+        return None
+sys.meta_path.insert(0, _DeviceHasNoTorch())
+"""
+
+
+def run_without_torch(code: str, timeout: float = 300) -> dict:
+    """Run `code` in a fresh interpreter where torch cannot be imported; it prints one JSON line last."""
+    script = _NO_TORCH_PREAMBLE + textwrap.dedent(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+    assert result.returncode == 0, f"device process failed:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model exported at two tiers (the full four-tier export is in the demo/benchmarks)."""
+    from export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "minilm"
+    export_bundle(out, ExportOptions(ranks=TEST_RANKS))
+    return out
