@@ -1,0 +1,77 @@
+"""Types shared by all strategies: client updates in, per-tier adapters and global state out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Factors = tuple[np.ndarray, np.ndarray]
+"""One LoRA pair (A: r × in, B: out × r); ΔW = (alpha / r) · B @ A."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shape and LoRA alpha of one adapted layer, as the bundle manifest describes it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    alpha: float
+
+    def scaling(self, rank: int) -> float:
+        return self.alpha / rank
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's trained adapter at its tier rank, with its local sample count n_i."""
+
+    client_id: str
+    rank: int
+    num_samples: int
+    factors: Mapping[str, Factors]
+
+
+@dataclass(frozen=True)
+class SvdFactors:
+    """ΔW_g = U · diag(S) · Vᵀ with U (out × k), S (k), V (in × k)."""
+
+    u: np.ndarray
+    s: np.ndarray
+    v: np.ndarray
+
+    def dense(self) -> np.ndarray:
+        return (self.u * self.s) @ self.v.T
+
+
+@dataclass
+class MergeResult:
+    """What a round's merge produces.
+
+    tiers: rank → layer → (A, B) for clients of that tier.
+    global_state: layer → factors of ΔW_g (for persistence and the next round).
+    weights: layer → client id → aggregation weight (sums to 1 per layer).
+    rejected: client id → why its update was not merged.
+    base_delta: layer → (P, Q) with W += P @ Q, for strategies that fold the update into the
+        frozen base (FLoRA); empty otherwise.
+    """
+
+    tiers: dict[int, dict[str, Factors]]
+    global_state: dict[str, SvdFactors]
+    weights: dict[str, dict[str, float]]
+    rejected: dict[str, str] = field(default_factory=dict)
+    base_delta: dict[str, Factors] = field(default_factory=dict)
+
+
+Strategy = Callable[[Sequence[ClientUpdate], Mapping[str, LayerSpec], Sequence[int]], MergeResult]
+
+
+def layer_specs_from_manifest(manifest) -> dict[str, LayerSpec]:
+    """Layer specs from a bundle manifest (`edge_sdk.manifest.Manifest`)."""
+    tier = manifest.tiers[0]
+    return {
+        p.layer: LayerSpec(p.layer, p.a_shape[1], p.b_shape[0], p.scaling * p.rank)
+        for p in tier.lora_pairs
+    }
