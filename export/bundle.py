@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -108,7 +107,6 @@ def _write_bundle(
     work: Path, model_dir: Path, options: ExportOptions, on_tier: Callable[[int], None] | None
 ) -> Manifest:
     ort.set_default_logger_severity(3)
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     base: dict[str, np.ndarray] | None = None
     tiers: list[Tier] = []
     references: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
