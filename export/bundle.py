@@ -24,7 +24,7 @@ from edge_sdk.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, M
 from export import __version__
 from export.errors import ExportError
 from export.graph import OUTPUT_NAME, export_forward, frozen_initializers
-from export.model import WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs
+from export.model import TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs
 
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -72,8 +72,6 @@ def export_bundle(
 
 
 def _check_options(options: ExportOptions) -> None:
-    from export.model import TASKS
-
     if options.task not in TASKS:
         raise ExportError(f"Unsupported task '{options.task}'; choose one of {', '.join(TASKS)}.")
     if not options.ranks:
@@ -129,7 +127,7 @@ def _write_bundle(
             save_file(base, str(work / BASE_WEIGHTS_FILE))
         else:
             _check_same_base(base, frozen, rank)
-        tiers.append(_write_tier(work, rank, loaded, graph))
+        tiers.append(_write_tier(work, rank, loaded, graph, list(frozen)))
         with torch.no_grad():
             references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
         if on_tier is not None:
@@ -177,7 +175,7 @@ def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray],
         raise ExportError(f"Tier r={rank} exported different frozen base weights than the first tier.")
 
 
-def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto) -> Tier:
+def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto, frozen_names: list[str]) -> Tier:
     """Generate the training/eval/optimizer graphs, nominal checkpoint, initial values and inference graph."""
     from onnxruntime.training import artifacts, onnxblock
 
@@ -186,7 +184,6 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
     trainable = loaded.trainable
     inits = {init.name: init for init in graph.graph.initializer}
     save_file({n: numpy_helper.to_array(inits[n]) for n in trainable}, str(tier_dir / "trainable_init.safetensors"))
-    frozen_names = [init.name for init in frozen_initializers(graph, trainable)]
     with _native_stderr_captured(f"generating training artifacts for r={rank}"):
         artifacts.generate_artifacts(
             graph,

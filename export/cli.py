@@ -51,6 +51,9 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.bundle import ExportOptions, export_bundle
 
+    if task == "causal-lm" and train_head:
+        train_head = False
+        click.echo("causal-lm: training LoRA only (the LM head is tied to the embeddings).")
     options = ExportOptions(
         model=model,
         task=task,
@@ -58,13 +61,10 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
         target_modules=target_modules,
         ranks=ranks,
         alpha=alpha,
-        train_head=train_head or False,
+        train_head=train_head,
         max_seq_len=max_seq_len,
         opset=opset,
     )
-    if task == "causal-lm" and train_head:
-        options = ExportOptions(**{**options.__dict__, "train_head": False})
-        click.echo("causal-lm: training LoRA only (the LM head is tied to the embeddings).")
     start = time.perf_counter()
     try:
         with click.progressbar(length=len(set(ranks)), label="Exporting rank tiers", show_pos=True) as bar:
