@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from edge_sdk.manifest import BundleError, Manifest, Tier, read_manifest
-from edge_sdk.ort_training import CheckpointState, Module, Optimizer
+from edge_sdk.ort_training import CheckpointState, Module, Optimizer, ort
 
 
 @dataclass
@@ -51,14 +50,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def load_base_weights(root: Path, manifest: Manifest, verify: bool = True) -> dict[str, np.ndarray]:
-    """The frozen base weights, checked against the manifest's SHA-256 unless `verify` is off."""
+def base_weights_path(root: Path, manifest: Manifest, verify: bool = True) -> Path:
+    """The frozen base weights file, checked against the manifest's SHA-256 unless `verify` is off."""
     path = root / manifest.base_weights["file"]
     if not path.is_file():
         raise BundleError(f"Bundle is incomplete: {path.name} is missing. Re-export it.")
     if verify and sha256_file(path) != manifest.base_weights["sha256"]:
         raise BundleError(f"{path} does not match the manifest's SHA-256: the bundle is corrupt. Re-export it.")
-    return load_file(str(path))
+    return path
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -75,9 +74,9 @@ def open_tier(
     rank: int,
     device: str = "cpu",
     threads: int | None = None,
-    base_weights: dict[str, np.ndarray] | None = None,
+    verify: bool = True,
 ) -> OpenedTier:
-    """Open tier `rank` of `bundle` with its parameters filled; pass `base_weights` to reuse a loaded copy."""
+    """Open tier `rank` of `bundle` with its parameters filled (base weights hashed unless `verify` is off)."""
     root = Path(bundle)
     manifest = read_manifest(root)
     tier = manifest.tier(rank)
@@ -85,8 +84,7 @@ def open_tier(
     for name in (tier.training_model, tier.eval_model, tier.optimizer_model, tier.checkpoint, tier.trainable_init):
         if not (tier_dir / name).is_file():
             raise BundleError(f"Bundle tier r={rank} is incomplete: {tier.dir}/{name} is missing. Re-export it.")
-    base = base_weights if base_weights is not None else load_base_weights(root, manifest)
-    init = load_file(str(tier_dir / tier.trainable_init))
+    base = base_weights_path(root, manifest, verify)
     state = CheckpointState.load_checkpoint(str(tier_dir / tier.checkpoint))
     module = Module(
         str(tier_dir / tier.training_model),
@@ -95,7 +93,7 @@ def open_tier(
         device=device,
         session_options=session_options(threads),
     )
-    buffer = _parameter_buffer(tier, base, init)
+    buffer = _parameter_buffer(tier, base, tier_dir / tier.trainable_init)
     if buffer.size != module.get_parameters_size(trainable_only=False):
         raise BundleError(
             f"Tier r={rank}: the manifest describes {buffer.size} parameter values but the graph has "
@@ -105,12 +103,25 @@ def open_tier(
     return OpenedTier(root=root, manifest=manifest, tier=tier, state=state, module=module)
 
 
-def _parameter_buffer(tier: Tier, base: dict[str, np.ndarray], init: dict[str, np.ndarray]) -> np.ndarray:
-    """All parameters, flattened into one float32 buffer in the training graph's input order."""
-    parts = []
-    for name in tier.parameter_order:
-        source = init if name in init else base
-        if name not in source:
-            raise BundleError(f"Parameter '{name}' of tier r={tier.rank} is in neither the base weights nor the tier init.")
-        parts.append(np.ascontiguousarray(source[name], dtype=np.float32).ravel())
-    return np.concatenate(parts)
+def _parameter_buffer(tier: Tier, base: Path, init: Path) -> np.ndarray:
+    """All parameters in one float32 buffer in the training graph's input order.
+
+    Tensors are read one at a time straight into the buffer, so opening holds the weights
+    twice at most (this buffer and onnxruntime's copy), never three times.
+    """
+    with safe_open(str(base), framework="numpy") as base_file, safe_open(str(init), framework="numpy") as init_file:
+        sources = [(init_file, set(init_file.keys())), (base_file, set(base_file.keys()))]
+        shapes = []
+        for name in tier.parameter_order:
+            source = next((f for f, keys in sources if name in keys), None)
+            if source is None:
+                raise BundleError(
+                    f"Parameter '{name}' of tier r={tier.rank} is in neither the base weights nor the tier init."
+                )
+            shapes.append((name, source, int(np.prod(source.get_slice(name).get_shape()))))
+        buffer = np.empty(sum(size for _, _, size in shapes), dtype=np.float32)
+        offset = 0
+        for name, source, size in shapes:
+            buffer[offset:offset + size] = source.get_tensor(name).ravel()
+            offset += size
+    return buffer
