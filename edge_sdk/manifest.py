@@ -82,11 +82,23 @@ class Manifest:
     base_weights: dict
     tokenizer: dict
     peft_keys: dict[str, str]
+    peft_config: dict
+    head_shapes: dict[str, list[int]]
     tiers: list[Tier] = field(default_factory=list)
 
     @property
     def ranks(self) -> list[int]:
         return [t.rank for t in self.tiers]
+
+    @property
+    def lora_pairs(self) -> list[LoraPair]:
+        """The adapted layers (shapes at the smallest tier; in/out features are the same at every tier)."""
+        return self.tiers[0].lora_pairs
+
+    @property
+    def head_parameters(self) -> list[str]:
+        """Trainable parameters that are not LoRA factors: the task head (empty when it is frozen)."""
+        return list(self.head_shapes)
 
     def tier(self, rank: int) -> Tier:
         """The tier of exactly this rank."""

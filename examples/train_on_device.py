@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
-from edge_sdk.bundle import open_tier
-from edge_sdk.data import TextEncoder, batches, rotten_tomatoes, stratified_split
-from edge_sdk.train import evaluate, train_steps
+from edge_sdk.data import stratified_split
+from edge_sdk.datasets import rotten_tomatoes
+from edge_sdk.trainer import Trainer
 
 
 @click.command()
@@ -24,25 +23,20 @@ from edge_sdk.train import evaluate, train_steps
 def main(bundle: Path, rank: int, steps: int, batch_size: int, lr: float, threads: int | None,
          eval_samples: int, seed: int) -> None:
     """Short on-device LoRA training with held-out accuracy before and after."""
-    opened = open_tier(bundle, rank, threads=threads)
-    encode = TextEncoder(bundle, opened.manifest)
+    trainer = Trainer(bundle, rank, threads=threads)
     train, test = stratified_split(rotten_tomatoes(), seed=seed)
     held_out = test[:eval_samples]
-    before = evaluate(opened, encode, batches(held_out, 64))
-    optimizer = opened.new_optimizer()
-    optimizer.set_learning_rate(lr)
-    chosen = list(batches(train, batch_size, seed=seed))[:steps]
-    start = time.perf_counter()
-    losses: list[float] = []
-    with click.progressbar(chosen, label=f"Training tier r={rank} on device", show_pos=True) as bar:
-        for batch in bar:
-            losses.extend(train_steps(opened, optimizer, encode, [batch]))
-    seconds = time.perf_counter() - start
-    after = evaluate(opened, encode, batches(held_out, 64))
-    click.echo(f"{len(losses)} steps × {batch_size} sentences in {seconds:.1f} s ({1000 * seconds / len(losses):.0f} ms/step)")
-    click.echo(f"{'':14}{'loss':>8}{'accuracy':>10}   (held-out, {after.samples} snippets)")
-    click.echo(f"{'before':14}{before.loss:8.3f}{before.accuracy:10.3f}")
-    click.echo(f"{'after':14}{after.loss:8.3f}{after.accuracy:10.3f}")
+    before = trainer.evaluate(held_out)
+    with click.progressbar(length=steps, label=f"Training tier r={rank} on device", show_pos=True) as bar:
+        report = trainer.fit(train, steps=steps, batch_size=batch_size, lr=lr, schedule="linear",
+                             warmup_steps=min(10, steps // 10), seed=seed, on_step=lambda step, loss: bar.update(1))
+    after = trainer.evaluate(held_out)
+    click.echo(f"{report.steps} steps × {batch_size} sentences in {report.wall_seconds:.1f} s "
+               f"({1000 * report.wall_seconds / report.steps:.0f} ms/step, {report.tokens / report.wall_seconds:.0f} "
+               f"tokens/s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB)")
+    click.echo(f"{'':14}{'loss':>8}{'accuracy':>10}{'macro-F1':>10}   (held-out, {after.samples} snippets)")
+    click.echo(f"{'before':14}{before.loss:8.3f}{before.accuracy:10.3f}{before.macro_f1:10.3f}")
+    click.echo(f"{'after':14}{after.loss:8.3f}{after.accuracy:10.3f}{after.macro_f1:10.3f}")
 
 
 if __name__ == "__main__":

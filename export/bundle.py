@@ -161,6 +161,8 @@ def _write_bundle(
         },
         tokenizer=tokenizer,
         peft_keys=first.peft_keys,
+        peft_config=first.peft_config,
+        head_shapes={n: s for n, s in first.trainable_shapes.items() if "lora_" not in n},
         tiers=tiers,
     )
     (work / MANIFEST_FILE).write_text(manifest.to_json())

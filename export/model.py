@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +79,9 @@ class LoadedModel:
     config: dict
     target_modules: list[str] | str
     trainable: list[str]
+    trainable_shapes: dict[str, list[int]]
     peft_keys: dict[str, str]
+    peft_config: dict
     lora_pairs: list[dict] = field(default_factory=list)
 
 
@@ -188,9 +192,18 @@ def load_lora_model(
         config=base.config.to_dict(),
         target_modules=target_modules,
         trainable=[onnx_name(n) for n in trainable],
+        trainable_shapes={onnx_name(n): list(p.shape) for n, p in peft_model.named_parameters() if p.requires_grad},
         peft_keys=_peft_keys(peft_model),
+        peft_config=_adapter_config(peft_model),
         lora_pairs=_lora_pairs(peft_model),
     )
+
+
+def _adapter_config(peft_model: nn.Module) -> dict:
+    """peft's own adapter_config.json content, so a device can write peft adapter folders without peft."""
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.peft_config[ADAPTER_NAME].save_pretrained(folder)
+        return json.loads((Path(folder) / "adapter_config.json").read_text())
 
 
 def has_weights(model_dir: Path) -> bool:

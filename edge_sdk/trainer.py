@@ -1,0 +1,245 @@
+"""On-device LoRA training with onnxruntime-training: fit, evaluate, and adapter exchange."""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from edge_sdk.adapter import Adapter, adapter_from_parameters, adapter_to_parameters
+from edge_sdk.bundle import OpenedTier, open_tier
+from edge_sdk.data import Dataset, Example, batches
+from edge_sdk.encoders import encoder_for
+from edge_sdk.memory import peak_rss_bytes
+from edge_sdk.ort_training import Optimizer, ort
+
+Schedule = Literal["constant", "linear", "cosine"]
+HeadMode = Literal["shared", "local"]
+CLASSIFICATION_TASKS = ("seq-cls", "img-cls")
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """What one `fit` call did: steps, samples seen, wall time, losses and the process's peak RSS."""
+
+    steps: int
+    samples: int
+    tokens: int
+    padded_tokens: int
+    wall_seconds: float
+    losses: list[float]
+    peak_rss_bytes: int
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else math.nan
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Mean loss, accuracy and macro-F1 (over the classes present in labels or predictions)."""
+
+    loss: float
+    accuracy: float
+    macro_f1: float
+    samples: int
+    wall_seconds: float
+
+
+def available_device() -> str:
+    """'cuda' when this onnxruntime build can train on a CUDA GPU here, else 'cpu'.
+
+    onnxruntime-training 1.19 has training kernels for CPU and CUDA only; NPU providers (QNN,
+    NNAPI, CoreML) can run the inference graph, never the training graphs.
+    """
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def learning_rate(step: int, total: int, base: float, schedule: Schedule, warmup: int = 0) -> float:
+    """The rate for 0-based `step` of `total`: linear warm-up, then constant, linear or cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base * (1.0 - progress)
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"Unknown schedule {schedule!r}; use constant, linear or cosine.")
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over the classes that occur in labels or predictions."""
+    scores = []
+    for cls in np.union1d(labels, predictions):
+        tp = np.sum((predictions == cls) & (labels == cls))
+        fp = np.sum((predictions == cls) & (labels != cls))
+        fn = np.sum((predictions != cls) & (labels == cls))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else math.nan
+
+
+class Trainer:
+    """Trains one rank tier of a bundle on local data; the device-side half of a federation.
+
+    `head="shared"` sends the task head with the adapter and accepts the global head;
+    `head="local"` keeps the head on the device (personalization), exchanging LoRA factors only.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        rank: int,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        head: HeadMode = "shared",
+        verify: bool = True,
+    ) -> None:
+        if head not in ("shared", "local"):
+            raise ValueError(f"head must be 'shared' or 'local', got {head!r}.")
+        if device == "auto":
+            device = available_device()
+        self.bundle, self.device, self.threads, self.head_mode = Path(bundle), device, threads, head
+        self.opened = open_tier(self.bundle, rank, device=device, threads=threads, verify=verify)
+        self.manifest = self.opened.manifest
+        if self.manifest.task not in CLASSIFICATION_TASKS:
+            raise ValueError(
+                f"Trainer trains classification bundles {CLASSIFICATION_TASKS}; this one is '{self.manifest.task}'."
+            )
+        self.encoder = encoder_for(self.bundle, self.manifest)
+        self.optimizer: Optimizer = self.opened.new_optimizer()
+
+    @property
+    def rank(self) -> int:
+        return self.opened.tier.rank
+
+    def fit(
+        self,
+        data: Dataset,
+        *,
+        epochs: int = 1,
+        steps: int | None = None,
+        batch_size: int = 16,
+        lr: float = 1e-3,
+        schedule: Schedule = "constant",
+        warmup_steps: int = 0,
+        seed: int = 0,
+        bucketing: bool = True,
+        on_step: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> FitReport:
+        """Train `epochs` passes over `data` (or exactly `steps` batches, cycling epochs as needed).
+
+        `on_step(step, loss)` reports progress; `should_stop()` ends training early between steps.
+        """
+        examples = self._materialize(data)
+        per_epoch = math.ceil(len(examples) / batch_size)
+        total = steps if steps is not None else epochs * per_epoch
+        if total < 1:
+            raise ValueError("Nothing to train: epochs and steps must be at least 1.")
+        lengths = self.encoder.lengths(examples) if bucketing else None
+        ort.set_seed(seed)
+        self.opened.module.train()
+        losses: list[float] = []
+        samples = tokens = padded = 0
+        start = time.perf_counter()
+        for epoch in range(math.ceil(total / per_epoch)):
+            for batch in batches(examples, batch_size, seed=seed + epoch, lengths=lengths):
+                if len(losses) == total or (should_stop is not None and should_stop()):
+                    break
+                self.optimizer.set_learning_rate(learning_rate(len(losses), total, lr, schedule, warmup_steps))
+                feeds = self.encoder(batch)
+                loss, _ = self.opened.module(*self._inputs(feeds), _labels(batch))
+                self.optimizer.step()
+                self.opened.module.lazy_reset_grad()
+                losses.append(float(loss))
+                samples += len(batch)
+                mask = feeds.get("attention_mask")
+                tokens += int(mask.sum()) if mask is not None else 0
+                padded += int(mask.size) if mask is not None else 0
+                if on_step is not None:
+                    on_step(len(losses), losses[-1])
+        return FitReport(
+            steps=len(losses), samples=samples, tokens=tokens, padded_tokens=padded,
+            wall_seconds=time.perf_counter() - start, losses=losses, peak_rss_bytes=peak_rss_bytes(),
+        )
+
+    def evaluate(self, data: Dataset, batch_size: int = 64) -> EvalReport:
+        """Loss, accuracy and macro-F1 on `data` with the eval graph (dropout off)."""
+        examples = self._materialize(data)
+        start = time.perf_counter()
+        self.opened.module.eval()
+        total_loss, predictions, labels = 0.0, [], []
+        for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
+            targets = _labels(batch)
+            loss, logits = self.opened.module(*self._inputs(self.encoder(batch)), targets)
+            total_loss += float(loss) * len(batch)
+            predictions.append(np.argmax(logits, axis=-1))
+            labels.append(targets)
+        truth, predicted = np.concatenate(labels), np.concatenate(predictions)
+        return EvalReport(
+            loss=total_loss / len(examples), accuracy=float(np.mean(truth == predicted)),
+            macro_f1=macro_f1(truth, predicted), samples=len(examples), wall_seconds=time.perf_counter() - start,
+        )
+
+    def get_adapter(self) -> Adapter:
+        """The current LoRA factors (and the head when it is shared), copied out of the session."""
+        return adapter_from_parameters(
+            self.manifest, self.rank, self.opened.trainable_parameters(), with_head=self.head_mode == "shared"
+        )
+
+    def set_adapter(self, adapter: Adapter) -> None:
+        """Load a received (global) adapter at this tier and start a fresh optimizer.
+
+        The AdamW moments describe the old factors: after the server's SVD re-factorization A and
+        B are a new basis, so stale moments would push in meaningless directions. onnxruntime 1.19
+        keeps optimizer state in the checkpoint state and a new Optimizer reloads it, so a fresh
+        optimizer needs the tier reopened (~1 s for MiniLM); the old session is freed first so
+        memory does not double. A received head is ignored when the head is kept local.
+        """
+        values = adapter_to_parameters(self.manifest, adapter)
+        if self.head_mode == "local":
+            for name in adapter.head:
+                values.pop(name)
+        current = self.opened.trainable_parameters()
+        current.update(values)
+        self._reopen(current)
+
+    def reset_optimizer(self) -> None:
+        """Start a fresh AdamW (zero moments, step 0), keeping the current parameters."""
+        self._reopen(self.opened.trainable_parameters())
+
+    def _reopen(self, trainable: dict[str, np.ndarray]) -> None:
+        rank = self.rank
+        del self.optimizer, self.opened
+        gc.collect()
+        self.opened = open_tier(self.bundle, rank, device=self.device, threads=self.threads, verify=False)
+        for name, param in self.opened.state.parameters:
+            if name in trainable:
+                param.data = np.ascontiguousarray(trainable[name], dtype=np.float32)
+        self.optimizer = self.opened.new_optimizer()
+
+    def _inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feeds[spec.name] for spec in self.manifest.inputs]
+
+    def _materialize(self, data: Dataset) -> list[Example]:
+        examples = list(data)
+        if not examples:
+            raise ValueError("No examples: the local dataset is empty.")
+        classes = len(self.manifest.labels)
+        bad = next((e.label for e in examples if not 0 <= e.label < classes), None)
+        if bad is not None:
+            raise ValueError(f"Label {bad} is outside this bundle's {classes} classes {self.manifest.labels}.")
+        return examples
+
+
+def _labels(batch: Sequence[Example]) -> np.ndarray:
+    return np.array([e.label for e in batch], dtype=np.int64)

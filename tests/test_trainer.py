@@ -1,0 +1,160 @@
+"""The on-device Trainer: adapter exchange, optimizer reset, schedules, metrics, bucketing, peft interop, images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_sdk.adapter import Adapter
+from edge_sdk.data import Example, batches, stratified_split
+from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
+from edge_sdk.ort_training import ort
+from edge_sdk.peft_format import write_peft_adapter
+from edge_sdk.trainer import Trainer, learning_rate, macro_f1
+from export.cli import main as export_cli
+
+SENTENCES = rotten_tomatoes()[:96]
+
+
+def _logits(trainer: Trainer, examples: list[Example]) -> np.ndarray:
+    trainer.opened.module.eval()
+    feeds = trainer.encoder(examples)
+    _, logits = trainer.opened.module(feeds["input_ids"], feeds["attention_mask"], np.zeros(len(examples), np.int64))
+    return logits
+
+
+def _one_step(trainer: Trainer, batch: list[Example]) -> dict[str, np.ndarray]:
+    ort.set_seed(7)
+    trainer.fit(batch, steps=1, batch_size=len(batch), lr=1e-3, bucketing=False)
+    return trainer.opened.trainable_parameters()
+
+
+def test_adapter_round_trips_into_a_fresh_trainer(minilm_bundle: Path) -> None:
+    trained = Trainer(minilm_bundle, 2, threads=2)
+    trained.fit(SENTENCES[:64], epochs=1, batch_size=16)
+    adapter = trained.get_adapter()
+    assert adapter.rank == 2 and len(adapter.lora) == 12 and len(adapter.head) == 2
+    fresh = Trainer(minilm_bundle, 2, threads=2)
+    assert np.abs(_logits(fresh, SENTENCES[:8]) - _logits(trained, SENTENCES[:8])).max() > 1e-4
+    fresh.set_adapter(adapter)
+    np.testing.assert_allclose(_logits(fresh, SENTENCES[:8]), _logits(trained, SENTENCES[:8]), atol=1e-6)
+
+
+def test_set_adapter_resets_the_optimizer_moments(minilm_bundle: Path) -> None:
+    batch = SENTENCES[64:80]
+    warm = Trainer(minilm_bundle, 2, threads=2)
+    warm.fit(SENTENCES[:48], epochs=1, batch_size=16)
+    adapter = warm.get_adapter()
+    continued = _one_step(warm, batch)
+    warm.set_adapter(adapter)
+    after_reset = _one_step(warm, batch)
+    fresh = Trainer(minilm_bundle, 2, threads=2)
+    fresh.set_adapter(adapter)
+    reference = _one_step(fresh, batch)
+    assert max(np.abs(after_reset[k] - reference[k]).max() for k in reference) < 1e-6
+    assert max(np.abs(continued[k] - reference[k]).max() for k in reference) > 1e-5
+
+
+def test_local_head_is_neither_sent_nor_overwritten(minilm_bundle: Path) -> None:
+    trainer = Trainer(minilm_bundle, 2, threads=2, head="local")
+    adapter = trainer.get_adapter()
+    assert adapter.head == {}
+    shared = Trainer(minilm_bundle, 2, threads=2).get_adapter()
+    head_before = {k: v.copy() for k, v in shared.head.items()}
+    foreign = Adapter(2, adapter.lora, {k: v + 1.0 for k, v in head_before.items()})
+    trainer.set_adapter(foreign)
+    params = trainer.opened.trainable_parameters()
+    for name, value in head_before.items():
+        np.testing.assert_array_equal(params[name], value)
+
+
+def test_set_adapter_rejects_wrong_shapes_and_layers(minilm_bundle: Path) -> None:
+    trainer = Trainer(minilm_bundle, 8, threads=2)
+    adapter = trainer.get_adapter()
+    layer = next(iter(adapter.lora))
+    a, b = adapter.lora[layer]
+    with pytest.raises(ValueError, match="needs A"):
+        trainer.set_adapter(Adapter(8, {**adapter.lora, layer: (a[:4], b)}, adapter.head))
+    with pytest.raises(ValueError, match="missing"):
+        trainer.set_adapter(Adapter(8, {k: v for k, v in adapter.lora.items() if k != layer}))
+
+
+def test_fit_counts_steps_epochs_and_stops_on_request(minilm_bundle: Path) -> None:
+    trainer = Trainer(minilm_bundle, 2, threads=2)
+    report = trainer.fit(SENTENCES[:40], steps=7, batch_size=16, bucketing=False)
+    assert report.steps == 7 and report.samples == 40 + 40 + 16
+    assert len(report.losses) == 7 and all(math.isfinite(x) for x in report.losses)
+    seen: list[int] = []
+    stopped = trainer.fit(SENTENCES, epochs=3, batch_size=8, on_step=lambda s, _: seen.append(s),
+                          should_stop=lambda: len(seen) >= 4)
+    assert stopped.steps == 4 and seen == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="outside this bundle's 2 classes"):
+        trainer.fit([Example("fine", 5)], steps=1)
+    with pytest.raises(ValueError, match="dataset is empty"):
+        trainer.evaluate([])
+
+
+def test_length_bucketing_cuts_padding(minilm_bundle: Path) -> None:
+    trainer = Trainer(minilm_bundle, 2, threads=2)
+    plain = trainer.fit(SENTENCES, epochs=1, batch_size=8, bucketing=False)
+    bucketed = trainer.fit(SENTENCES, epochs=1, batch_size=8, bucketing=True)
+    assert plain.tokens == bucketed.tokens
+    assert bucketed.padded_tokens < 0.8 * plain.padded_tokens, (plain.padded_tokens, bucketed.padded_tokens)
+    every = [e for batch in batches(SENTENCES, 8, seed=3, lengths=trainer.encoder.lengths(SENTENCES)) for e in batch]
+    assert sorted(every, key=id) == sorted(SENTENCES, key=id)
+
+
+def test_learning_rate_schedules_and_macro_f1() -> None:
+    assert [learning_rate(s, 10, 1.0, "constant", warmup=2) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert learning_rate(2, 10, 1.0, "linear", warmup=2) == 1.0
+    assert learning_rate(6, 10, 1.0, "linear", warmup=2) == pytest.approx(0.5)
+    assert learning_rate(6, 10, 1.0, "cosine", warmup=2) == pytest.approx(0.5)
+    assert learning_rate(10, 10, 1.0, "cosine", warmup=2) == pytest.approx(0.0)
+    labels, predicted = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
+    # class 0: tp1 fp1 fn1 → 0.5; class 1: tp2 fp1 fn0 → 0.8; class 2: tp0 fn1 → 0.
+    assert macro_f1(labels, predicted) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_peft_adapter_folder_reproduces_ort_logits(minilm_bundle: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from export.model import resolve_model_dir
+
+    trainer = Trainer(minilm_bundle, 8, threads=2)
+    trainer.fit(SENTENCES[:64], epochs=1, batch_size=16, lr=2e-3)
+    folder = write_peft_adapter(trainer.get_adapter(), trainer.manifest, tmp_path / "adapter")
+    write_peft_adapter(trainer.get_adapter(), trainer.manifest, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    base = AutoModelForSequenceClassification.from_pretrained(str(resolve_model_dir(None)), num_labels=2,
+                                                              attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    feeds = trainer.encoder(SENTENCES[:8])
+    with torch.no_grad():
+        reference = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert np.abs(reference - _logits(trainer, SENTENCES[:8])).max() < 1e-4
+
+
+def test_image_bundle_trains_on_fashion_mnist(tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model_dir = tmp_path / "vit"
+    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(model_dir)
+    bundle = tmp_path / "bundle"
+    result = CliRunner().invoke(export_cli, ["--out", str(bundle), "--model", str(model_dir), "--task", "img-cls",
+                                             "--ranks", "4", "--num-labels", "10"])
+    assert result.exit_code == 0, result.output
+    train, test = stratified_split(fashion_mnist("test", limit=2400), test_fraction=0.25, seed=0)
+    trainer = Trainer(bundle, 4, threads=2)
+    before = trainer.evaluate(test)
+    report = trainer.fit(train, epochs=3, batch_size=32, lr=3e-3)
+    after = trainer.evaluate(test)
+    assert report.tokens == 0 and report.samples == 3 * len(train)
+    assert after.loss < before.loss - 0.3 and after.accuracy > 0.4, (before, after)
