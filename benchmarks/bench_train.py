@@ -1,0 +1,135 @@
+"""On-device training throughput and memory: the SDK (onnxruntime-training) vs PyTorch eager + peft.
+
+Usage: .venv/bin/python benchmarks/bench_train.py --bundle DIR [--steps 40] [--repeats 3]
+MiniLM tier r=8, batch 16, 2 threads, real Rotten Tomatoes sentences, max 64 tokens. Each run is
+a separate process (peak RSS = its VmHWM); both sides train on identical batches, (a) padded to
+a fixed 64 tokens and (b) padded per batch after length bucketing. Prints medians and SDK/PyTorch ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+MAX_LEN = 64
+BATCH = 16
+THREADS = 2
+RANK = 8
+
+
+def _batches(bundle: Path, padding: str, steps: int) -> list[dict[str, np.ndarray]]:
+    from edge_sdk.data import batches, stratified_split
+    from edge_sdk.datasets import rotten_tomatoes
+    from edge_sdk.encoders import TextEncoder
+    from edge_sdk.manifest import read_manifest
+
+    encoder = TextEncoder(bundle, read_manifest(bundle), max_length=MAX_LEN)
+    if padding == "fixed":
+        encoder.tokenizer.enable_padding(pad_id=0, length=MAX_LEN)
+    train, _ = stratified_split(rotten_tomatoes(), seed=0)
+    train = train[:BATCH * steps * 2]
+    out = []
+    for batch in batches(train, BATCH, seed=0, lengths=encoder.lengths(train) if padding == "batch" else None):
+        feeds = encoder(batch)
+        feeds["labels"] = np.array([e.label for e in batch], dtype=np.int64)
+        out.append(feeds)
+    return out[:steps]
+
+
+def _sdk(bundle: Path, data: list[dict[str, np.ndarray]], warmup: int) -> list[float]:
+    from edge_sdk.bundle import open_tier
+
+    opened = open_tier(bundle, RANK, threads=THREADS)
+    optimizer = opened.new_optimizer()
+    optimizer.set_learning_rate(1e-3)
+    opened.module.train()
+    times = []
+    for i, feeds in enumerate(data):
+        start = time.perf_counter()
+        opened.module(feeds["input_ids"], feeds["attention_mask"], feeds["labels"])
+        optimizer.step()
+        opened.module.lazy_reset_grad()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _torch(bundle: Path, data: list[dict[str, np.ndarray]], warmup: int) -> list[float]:
+    import torch
+
+    from export.model import load_lora_model, resolve_model_dir
+
+    torch.set_num_threads(THREADS)
+    loaded = load_lora_model(resolve_model_dir(None), "seq-cls", RANK, 16.0, None, True, 2)
+    model = loaded.peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    times = []
+    for i, feeds in enumerate(data):
+        start = time.perf_counter()
+        out = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"]),
+                    labels=torch.from_numpy(feeds["labels"]))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(side: str, padding: str, bundle: Path, steps: int) -> dict:
+    """One measured run in this process; returns tokens/s and peak RSS."""
+    warmup = 3
+    data = _batches(bundle, padding, steps + warmup)
+    times = (_sdk if side == "sdk" else _torch)(bundle, data, warmup)
+    tokens = sum(int(f["attention_mask"].sum()) for f in data[warmup:])
+    from edge_sdk.memory import peak_rss_bytes
+
+    return {"tokens_per_s": tokens / sum(times), "ms_per_step": 1000 * statistics.median(times),
+            "peak_rss_mib": peak_rss_bytes() / 2**20, "torch_loaded": "torch" in sys.modules}
+
+
+@click.command()
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--steps", type=int, default=40, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--worker", "as_worker", nargs=2, type=str, default=None, hidden=True)
+def main(bundle: Path, steps: int, repeats: int, as_worker: tuple[str, str] | None) -> None:
+    """Interleave SDK and PyTorch runs, each in its own process; print medians and ratios."""
+    if as_worker:
+        click.echo(json.dumps(worker(as_worker[0], as_worker[1], bundle, steps)))
+        return
+    results: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(repeats):
+        for padding in ("fixed", "batch"):
+            for side in ("sdk", "torch"):
+                done = subprocess.run([sys.executable, __file__, "--bundle", str(bundle), "--steps", str(steps),
+                                       "--worker", side, padding], capture_output=True, text=True, check=True)
+                results.setdefault((side, padding), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    click.echo(f"MiniLM r={RANK}, batch {BATCH}, {THREADS} threads, {steps} steps, median of {repeats} runs")
+    click.echo(f"{'padding':10}{'side':8}{'tokens/s':>10}{'ms/step':>9}{'peak RSS MiB':>14}")
+    rows: dict[str, dict] = {}
+    for padding, label in (("fixed", "fixed 64"), ("batch", "per-batch")):
+        row = rows[padding] = {}
+        for side in ("sdk", "torch"):
+            runs = results[(side, padding)]
+            row[side] = {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "ms_per_step", "peak_rss_mib")}
+            assert side == "torch" or not any(r["torch_loaded"] for r in runs)
+            click.echo(f"{label:10}{side:8}{row[side]['tokens_per_s']:10.0f}{row[side]['ms_per_step']:9.0f}"
+                       f"{row[side]['peak_rss_mib']:14.0f}")
+        click.echo(f"{'':10}{'ratio':8}{row['sdk']['tokens_per_s'] / row['torch']['tokens_per_s']:10.2f}×"
+                   f"{'':8}{row['sdk']['peak_rss_mib'] / row['torch']['peak_rss_mib']:14.2f}×")
+    sdk = rows["batch"]["sdk"]["tokens_per_s"]
+    click.echo(f"goal (a) SDK per-batch vs PyTorch fixed 64:   {sdk / rows['fixed']['torch']['tokens_per_s']:.2f}× (≥ 1.5)")
+    click.echo(f"goal (b) SDK vs PyTorch, same per-batch pad: {sdk / rows['batch']['torch']['tokens_per_s']:.2f}× (≥ 1.0)")
+    click.echo(f"goal SDK peak RSS (per-batch): {rows['batch']['sdk']['peak_rss_mib']:.0f} MiB (≤ 450)")
+
+
+if __name__ == "__main__":
+    main()
