@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from edge_sdk.adapter import Adapter, adapter_from_parameters, adapter_to_parameters
-from edge_sdk.bundle import OpenedTier, open_tier
+from edge_sdk.bundle import open_tier
 from edge_sdk.data import Dataset, Example, batches
 from edge_sdk.encoders import encoder_for
 from edge_sdk.memory import peak_rss_bytes
