@@ -117,7 +117,7 @@ class Prober:
 
     def __call__(self, rank: int) -> TierProbe:
         shape = "x".join(str(d) for d in next(iter(self.batch.values())).shape)
-        key = f"{self.manifest.base_weights['sha256'][:16]}|{_bundle_id(self.bundle)}|r{rank}|{shape}|t{self.threads}|{self.device}"
+        key = f"{_bundle_id(self.bundle)}|r{rank}|{shape}|t{self.threads}|{self.device}"
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -167,6 +167,7 @@ def profile_device(
 
 
 def _bundle_id(bundle: Path) -> str:
+    """Identifies a bundle by its manifest, which already holds the base weights' SHA-256."""
     return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
