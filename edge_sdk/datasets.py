@@ -6,6 +6,7 @@ import bz2
 import csv
 import gzip
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -75,3 +76,29 @@ def read_idx(path: str | Path) -> np.ndarray:
     if body.size != int(np.prod(dims)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}.")
     return body.reshape(dims)
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Text examples from a JSON-lines file with one {"text": str, "label": int} object per line."""
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text, label = row["text"], row["label"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: expected {{\"text\": ..., \"label\": ...}}: {err}") from err
+            if not isinstance(text, str) or isinstance(label, bool) or not isinstance(label, int):
+                raise ValueError(f"{path}:{number}: 'text' must be a string and 'label' an integer.")
+            examples.append(Example(text, label))
+    return examples
+
+
+def shard(examples: list[Example], index: int, count: int, seed: int = 0) -> list[Example]:
+    """Shard `index` (0-based) of `count` disjoint, seeded IID shards."""
+    if not 0 <= index < count:
+        raise ValueError(f"Shard {index} does not exist among {count} shards.")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return [examples[i] for i in order[index::count]]

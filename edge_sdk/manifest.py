@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,3 +144,8 @@ def read_manifest(bundle: str | Path) -> Manifest:
     except json.JSONDecodeError as err:
         raise BundleError(f"{path} is not valid JSON: {err}") from err
     return Manifest.from_dict(data)
+
+
+def bundle_id(bundle: str | Path) -> str:
+    """Identifies a bundle by its manifest, which already holds the base weights' SHA-256."""
+    return hashlib.sha256((Path(bundle) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]

@@ -8,7 +8,6 @@ devices in experiments.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from safetensors.numpy import save_file
 
 from edge_sdk.data import Example
 from edge_sdk.encoders import encoder_for
-from edge_sdk.manifest import Manifest, read_manifest
+from edge_sdk.manifest import Manifest, bundle_id, read_manifest
 from edge_sdk.ort_training import ort
 
 MIB = 1 << 20
@@ -117,7 +116,7 @@ class Prober:
 
     def __call__(self, rank: int) -> TierProbe:
         shape = "x".join(str(d) for d in next(iter(self.batch.values())).shape)
-        key = f"{_bundle_id(self.bundle)}|r{rank}|{shape}|t{self.threads}|{self.device}"
+        key = f"{bundle_id(self.bundle)}|r{rank}|{shape}|t{self.threads}|{self.device}"
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -164,11 +163,6 @@ def profile_device(
         device=device, providers=list(ort.get_available_providers()), preset=chosen.name if chosen else None,
     )
     return profile, prober
-
-
-def _bundle_id(bundle: Path) -> str:
-    """Identifies a bundle by its manifest, which already holds the base weights' SHA-256."""
-    return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
 def _run_probe(bundle: Path, rank: int, batch: dict[str, np.ndarray], threads: int | None, device: str,

@@ -45,3 +45,42 @@ def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "minilm"
     export_bundle(out, ExportOptions(ranks=TEST_RANKS))
     return out
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A real mosquitto broker on a free loopback port, stopped after the test."""
+    from tests.brokers import Mosquitto
+
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(minilm_bundle: Path) -> dict[str, object]:
+    """Real adapters (a few steps on Rotten Tomatoes) at each test tier: name → Adapter."""
+    from edge_sdk.datasets import rotten_tomatoes
+    from edge_sdk.trainer import Trainer
+
+    examples = rotten_tomatoes()[:400]
+    adapters = {}
+    for rank in TEST_RANKS:
+        trainer = Trainer(minilm_bundle, rank, threads=2)
+        for seed in (0, 1):
+            trainer.fit(examples, steps=2, batch_size=8, lr=1e-2, seed=seed)
+            adapters[f"r{rank}-{seed}"] = trainer.get_adapter()
+    return adapters
+
+
+@pytest.fixture(autouse=True)
+def reap_processes():
+    """Kill aggregator/client processes a failed test left running."""
+    yield
+    from tests.federation import RUNNING
+
+    for process in RUNNING:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    RUNNING.clear()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.zero_pad import merge_padded
 

@@ -1,0 +1,52 @@
+"""A round's merge: LoRA factors by the chosen strategy, the shared task head by sample-weighted FedAvg."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from aggregator.strategies import ClientUpdate, MergeResult, get_strategy
+from aggregator.strategies.base import layer_specs_from_manifest
+from edge_sdk.adapter import Adapter
+from edge_sdk.manifest import Manifest
+from edge_sdk.protocol import AdapterHeader
+
+NOT_OVER_MQTT = {"flora": "FLoRA folds each round into the frozen base weights, which a device cannot change"}
+
+
+def check_strategy(name: str) -> None:
+    """Raise ValueError for an unknown strategy or one that cannot run over the device protocol."""
+    get_strategy(name)
+    if name in NOT_OVER_MQTT:
+        raise ValueError(f"Strategy '{name}' cannot run on devices: {NOT_OVER_MQTT[name]}. Use it in simulation.")
+
+
+def merge_round(
+    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], manifest: Manifest
+) -> tuple[dict[int, Adapter], MergeResult]:
+    """Per-tier global adapters (LoRA + averaged head) from accepted updates, in client-id order.
+
+    Sorting makes the result independent of arrival order bit for bit, which is what lets a
+    restarted aggregator reproduce an uninterrupted run exactly.
+    """
+    ordered = [updates[cid] for cid in sorted(updates)]
+    client_updates = [
+        ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=h.num_samples, factors=a.lora) for h, a in ordered
+    ]
+    result = get_strategy(strategy)(client_updates, layer_specs_from_manifest(manifest), manifest.ranks)
+    head = _average_heads(ordered)
+    tiers = {rank: Adapter(rank=rank, lora=dict(lora), head=head) for rank, lora in result.tiers.items()}
+    return tiers, result
+
+
+def _average_heads(ordered: list[tuple[AdapterHeader, Adapter]]) -> dict[str, np.ndarray]:
+    """FedAvg of the heads that were sent, weighted by sample count; empty when the head stays local."""
+    with_head = [(h.num_samples, a.head) for h, a in ordered if a.head]
+    if not with_head:
+        return {}
+    total = float(sum(n for n, _ in with_head))
+    return {
+        name: sum((n / total) * head[name].astype(np.float64) for n, head in with_head).astype(np.float32)
+        for name in with_head[0][1]
+    }

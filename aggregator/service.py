@@ -1,0 +1,400 @@
+"""The aggregator service: runs rounds over MQTT, validates updates, merges, persists, publishes.
+
+One thread owns all state. paho's network thread only queues messages; this thread handles
+them in order and acknowledges each (QoS 1, manual ack) once it has been handled durably, so an
+update the aggregator accepted is on disk before the broker forgets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from aggregator.round_merge import check_strategy, merge_round
+from aggregator.state import StateDir
+from aggregator.strategies.full_fedavg import full_fedavg_round_bytes, model_parameters
+from edge_sdk.adapter import Adapter
+from edge_sdk.manifest import bundle_id, read_manifest
+from edge_sdk.peft_format import write_peft_adapter
+from edge_sdk.protocol import (
+    DEFAULT_CHUNK_SIZE, AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, GlobalAdapterRef,
+    MessageError, Notice, Reassembler, RoundResult, RoundTask, Topics, TrainingConfig, UnsupportedVersionError,
+    decode_adapter, decode_message, encode_adapter, encode_message, max_payload_bytes, split_payload,
+)
+from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
+from edge_sdk.rank import RankPolicy
+
+log = logging.getLogger("fedpeft.aggregator")
+AGGREGATOR_ID = "aggregator"
+
+
+@dataclass(frozen=True)
+class AggregatorOptions:
+    """How the federation runs; `clients_per_round` or `fraction` picks the sample size."""
+
+    federation: str
+    rounds: int
+    state_dir: Path
+    clients_per_round: int | None = None
+    fraction: float | None = None
+    min_clients: int = 1
+    min_online: int | None = None
+    round_timeout: float = 600.0
+    strategy: str = "svd-weighted"
+    seed: int = 0
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    rank_policy: RankPolicy | None = None
+    head: str = "shared"
+    dtype: str = "float32"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    metrics_file: Path | None = None
+
+    def sample_size(self, online: int) -> int:
+        wanted = self.clients_per_round if self.clients_per_round else math.ceil((self.fraction or 1.0) * online)
+        return max(self.min_clients, min(wanted, online))
+
+
+@dataclass
+class _Round:
+    """What the open round has gathered so far (memory mirror of the state dir)."""
+
+    task: RoundTask
+    accepted: dict[str, tuple[AdapterHeader, Adapter]] = field(default_factory=dict)
+    accepted_bytes: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    rejections: int = 0
+    bytes_in: int = 0
+    opened: float = field(default_factory=time.monotonic)
+
+
+class Aggregator:
+    """Runs `options.rounds` rounds of a federation for the bundle at `bundle`."""
+
+    def __init__(self, bundle: str | Path, broker: BrokerSettings, options: AggregatorOptions) -> None:
+        check_strategy(options.strategy)
+        if options.min_clients < 1 or options.rounds < 1:
+            raise ValueError("rounds and min_clients must be at least 1.")
+        self.bundle, self.options = Path(bundle), options
+        self.manifest = read_manifest(self.bundle)
+        self.bundle_id = bundle_id(self.bundle)
+        self.topics = Topics(options.federation)
+        self.store = StateDir(options.state_dir)
+        self.state = self.store.load(options.federation, self.bundle_id, options.strategy)
+        self.max_update_bytes = max_payload_bytes(self.manifest)
+        self.online: dict[str, ClientStatus] = {}
+        self.records: list[dict] = []
+        self.rejections_total = 0
+        self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._reassembler = Reassembler(self.max_update_bytes)
+        self._round: _Round | None = None
+        self._published_chunks: dict[int, int] = {}
+        self._stop = False
+        self.connection = MqttConnection(
+            f"fedpeft-{options.federation}-{AGGREGATOR_ID}", broker, self._inbox.put,
+            subscriptions=[self.topics.all_statuses, self.topics.all_updates], manual_ack=True,
+        )
+
+    def config(self) -> FederationConfig:
+        policy = self.options.rank_policy or RankPolicy.balanced(max(self.manifest.ranks), 4 * 2**30, 4.0, 1000)
+        return FederationConfig(
+            federation=self.options.federation, bundle_id=self.bundle_id, ranks=self.manifest.ranks,
+            rank_policy=policy.to_dict(), head=self.options.head, dtype=self.options.dtype,
+            chunk_size=self.options.chunk_size, training=self.options.training, rounds=self.options.rounds,
+        )
+
+    def run(self, connect_timeout: float = 30.0) -> list[dict]:
+        """Run (or resume) the federation to its last round; returns the per-round metrics."""
+        self.connection.start(connect_timeout)
+        try:
+            self.connection.publish_all([(self.topics.config, encode_message(self.config()), True)], 30)
+            while self.state.round <= self.options.rounds and not self._stop:
+                self._open_or_resume()
+                self._collect()
+                if self._round is not None and not self._stop:
+                    self._close()
+            if not self._stop:
+                finished = RoundTask(round=self.state.round, attempt=0, deadline=time.time(), sampled=[], seed=0,
+                                     finished=True)
+                self.connection.publish_all([(self.topics.task, encode_message(finished), True)], 30)
+                log.info("federation %s finished after %d rounds", self.options.federation, self.options.rounds)
+        finally:
+            self.connection.stop()
+        return self.records
+
+    def stop(self) -> None:
+        """Ask the run loop to return after the message it is handling (state stays resumable)."""
+        self._stop = True
+
+    # Round lifecycle -------------------------------------------------------------------------
+
+    def _open_or_resume(self) -> None:
+        state = self.state
+        if state.task is not None and state.task.round == state.round:
+            task = state.task
+            self._round = _Round(task)
+            self._load_accepted()
+            if task.deadline < time.time():
+                task = RoundTask(round=task.round, attempt=task.attempt, deadline=time.time() + self.options.round_timeout,
+                                 sampled=task.sampled, seed=task.seed, globals=task.globals)
+                self._round.task = task
+            log.info("resuming round %d with %d accepted updates", state.round, len(self._round.accepted))
+            self._publish_task(task)
+            return
+        first = self.state.round == 1
+        self._wait_for_clients(max(self.options.min_clients, (self.options.min_online or 0) if first else 0))
+        if self._stop:
+            return
+        self._round = _Round(self._new_task(attempt=0, keep=[]))
+        self._publish_task(self._round.task)
+
+    def _new_task(self, attempt: int, keep: list[str]) -> RoundTask:
+        candidates = sorted(set(self.online) - set(keep))
+        count = max(0, self.options.sample_size(len(self.online)) - len(keep))
+        rng = np.random.default_rng([self.options.seed, self.state.round, attempt])
+        picked = sorted(rng.choice(candidates, size=min(count, len(candidates)), replace=False).tolist()) if count else []
+        refs = {str(rank): GlobalAdapterRef(**ref) for rank, ref in self._global_refs().items()}
+        return RoundTask(round=self.state.round, attempt=attempt, deadline=time.time() + self.options.round_timeout,
+                         sampled=sorted(keep + picked), seed=int(rng.integers(2**31)), globals=refs)
+
+    def _global_refs(self) -> dict[int, dict]:
+        payloads = self.store.globals(self.state.round - 1)
+        return {
+            rank: {"sha256": hashlib.sha256(p).hexdigest(), "num_bytes": len(p),
+                   "chunks": len(split_payload(p, self.options.chunk_size))}
+            for rank, p in sorted(payloads.items())
+        }
+
+    def _publish_task(self, task: RoundTask) -> None:
+        """Retained global chunks per tier first, then the task that points at them; persisted before publishing."""
+        self.state.task = task
+        self.store.save(self.state)
+        messages = []
+        for rank, payload in sorted(self.store.globals(task.round - 1).items()):
+            chunks = split_payload(payload, self.options.chunk_size)
+            messages += [(self.topics.global_chunk(rank, i), c, True) for i, c in enumerate(chunks)]
+            stale = range(len(chunks), self._published_chunks.get(rank, 0))
+            messages += [(self.topics.global_chunk(rank, i), b"", True) for i in stale]
+            self._published_chunks[rank] = len(chunks)
+        messages.append((self.topics.task, encode_message(task), True))
+        self.connection.publish_all(messages, timeout=60)
+        log.info("round %d (attempt %d): sampled %s, deadline in %.0f s", task.round, task.attempt,
+                 ", ".join(task.sampled), task.deadline - time.time())
+
+    def _collect(self) -> None:
+        """Handle messages until every sampled client answered, or the deadline passed with a quorum."""
+        while not self._stop and self._round is not None:
+            current = self._round
+            quorum = len(current.accepted) >= self.options.min_clients
+            if quorum and set(current.task.sampled) <= set(current.accepted):
+                return
+            if time.time() >= current.task.deadline:
+                for sender, reason in self._reassembler.expire(0).items():
+                    self._reject(sender, f"update incomplete at the deadline ({reason})", None)
+                if quorum:
+                    return
+                log.warning("round %d: %d of %d required updates by the deadline; sampling more clients",
+                            current.task.round, len(current.accepted), self.options.min_clients)
+                self._wait_for_clients(len(current.accepted) + 1)
+                current.task = self._new_task(current.task.attempt + 1, keep=sorted(current.accepted))
+                self._publish_task(current.task)
+                continue
+            self._handle_next(timeout=min(0.5, max(0.01, current.task.deadline - time.time())))
+
+    def _close(self) -> None:
+        current = self._round
+        assert current is not None
+        closing = time.monotonic()
+        started = time.perf_counter()
+        tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest)
+        merge_seconds = time.perf_counter() - started
+        total_samples = sum(h.num_samples for h, _ in current.accepted.values())
+        payloads = {
+            rank: encode_adapter(adapter, AdapterHeader(
+                federation=self.options.federation, round=current.task.round, client_id=AGGREGATOR_ID, rank=rank,
+                num_samples=total_samples, dtype="float32"))
+            for rank, adapter in tiers.items()
+        }
+        factors = {f"{layer}::{part}": np.ascontiguousarray(getattr(f, part.lower()), dtype=np.float32)
+                   for layer, f in result.global_state.items() for part in ("U", "S", "V")}
+        round_number = current.task.round
+        self.store.save_globals(round_number, payloads, factors)
+        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(round_number))
+        record = self._metrics(current, payloads, merge_seconds)
+        self.store.save_metrics(round_number, record)
+        self.state.round, self.state.task = round_number + 1, None
+        self.store.save(self.state)
+        self._round = None
+        self.connection.publish(self.topics.task, b"", retain=True)
+        record["close_seconds"] = round(time.monotonic() - closing, 4)
+        self.records.append(record)
+        if self.options.metrics_file:
+            with open(self.options.metrics_file, "a") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+        result_message = RoundResult(round=round_number, participants=record["participants"],
+                                     dropouts=record["dropouts"], rejected=current.rejected,
+                                     metrics={k: v for k, v in record.items() if isinstance(v, float | int)})
+        self.connection.publish(self.topics.result, encode_message(result_message), retain=True)
+        log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
+                 round_number, len(record["participants"]), len(record["dropouts"]), current.rejections,
+                 1000 * merge_seconds, record["bytes_in"] / 1e6, record["bytes_out"] / 1e6)
+
+    def _metrics(self, current: _Round, payloads: dict[int, bytes], merge_seconds: float) -> dict:
+        participants = sorted(current.accepted)
+        samples = {cid: current.accepted[cid][0].num_samples for cid in participants}
+        total = sum(samples.values())
+        client_metrics: dict[str, float] = {}
+        for name in sorted({k for h, _ in current.accepted.values() for k in h.metrics}):
+            having = [(samples[c], current.accepted[c][0].metrics[name]) for c in participants
+                      if name in current.accepted[c][0].metrics]
+            client_metrics[f"clients_{name}"] = sum(n * v for n, v in having) / sum(n for n, _ in having)
+        ranks = {cid: current.accepted[cid][1].rank for cid in participants}
+        down = sum(len(payloads[self.online[c].rank]) if c in self.online and self.online[c].rank in payloads
+                   else len(payloads[max(payloads)]) for c in participants)
+        return {
+            "round": current.task.round, "attempts": current.task.attempt + 1, "strategy": self.options.strategy,
+            "sampled": current.task.sampled, "participants": participants,
+            "dropouts": sorted(set(current.task.sampled) - set(participants)),
+            "rejected": current.rejections, "rejected_reasons": current.rejected,
+            "ranks": ranks, "samples": total,
+            "bytes_in": current.bytes_in, "bytes_accepted": sum(current.accepted_bytes.values()), "bytes_out": down,
+            "full_fedavg_bytes": full_fedavg_round_bytes(model_parameters(self.manifest), len(participants)),
+            "merge_seconds": round(merge_seconds, 4), "round_seconds": round(time.monotonic() - current.opened, 3),
+            **client_metrics,
+        }
+
+    def _load_accepted(self) -> None:
+        current = self._round
+        assert current is not None
+        for cid, payload in self.store.updates(current.task.round).items():
+            try:
+                current.accepted[cid] = decode_adapter(payload, self.manifest, self.max_update_bytes)
+                current.accepted_bytes[cid] = len(payload)
+            except CodecError as err:
+                log.error("state dir: dropping unreadable update of %s: %s", cid, err)
+
+    def _wait_for_clients(self, needed: int) -> None:
+        """Handle messages until `needed` clients are online (those already accepted count too)."""
+        last_log = 0.0
+        while len(set(self.online) | set(self._round.accepted if self._round else ())) < needed and not self._stop:
+            if time.monotonic() - last_log > 10:
+                log.info("waiting for clients: %d online, %d needed", len(self.online), needed)
+                last_log = time.monotonic()
+            self._handle_next(timeout=0.5)
+
+    # Messages --------------------------------------------------------------------------------
+
+    def _handle_next(self, timeout: float) -> None:
+        try:
+            message = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        try:
+            sender = self.topics.client_of(message.topic)
+            if sender is None:
+                log.debug("ignoring message on %s", message.topic)
+            elif message.topic == self.topics.status(sender):
+                self._on_status(sender, message.payload)
+            else:
+                self._on_update_chunk(sender, message.payload)
+        except Exception:
+            log.exception("unexpected error handling a message on %s; dropped", message.topic)
+        finally:
+            self.connection.ack(message)
+
+    def _on_status(self, sender: str, payload: bytes) -> None:
+        if not payload:
+            self.online.pop(sender, None)
+            return
+        try:
+            status = decode_message(payload, ClientStatus)
+        except UnsupportedVersionError as err:
+            self._notice(sender, "refused", str(err), None)
+            return
+        except MessageError as err:
+            log.warning("bad status from %s dropped: %s", sender, err)
+            return
+        if status.client_id != sender:
+            log.warning("status on %s's topic names %s; dropped", sender, status.client_id)
+            return
+        if status.state == "offline":
+            if self.online.pop(sender, None) is not None:
+                log.info("client %s went offline", sender)
+            return
+        if status.rank not in self.manifest.ranks:
+            self._notice(sender, "refused", f"rank {status.rank} is not a tier of this bundle {self.manifest.ranks}", None)
+            return
+        if sender not in self.online:
+            log.info("client %s online at tier r=%s", sender, status.rank)
+        self.online[sender] = status
+
+    def _on_update_chunk(self, sender: str, payload: bytes) -> None:
+        current = self._round
+        if current is not None:
+            current.bytes_in += len(payload)
+        try:
+            complete, failed = self._reassembler.add(sender, payload)
+        except ChunkError as err:
+            self._reject(sender, f"bad chunk: {err}", None)
+            return
+        if failed:
+            self._reject(sender, failed, None)
+        if complete is not None:
+            self._on_update(sender, complete)
+
+    def _on_update(self, sender: str, payload: bytes) -> None:
+        current = self._round
+        try:
+            header, adapter = decode_adapter(payload, self.manifest, self.max_update_bytes)
+        except CodecError as err:
+            self._reject(sender, f"{type(err).__name__}: {err}", None)
+            return
+        reason = self._refusal(sender, header, current)
+        if reason is not None:
+            self._reject(sender, reason, header.round)
+            return
+        assert current is not None
+        self.store.save_update(current.task.round, sender, payload)
+        current.accepted[sender] = (header, adapter)
+        current.accepted_bytes[sender] = len(payload)
+        log.info("round %d: accepted %s (r=%d, n=%d, %d bytes) — %d/%d", current.task.round, sender, header.rank,
+                 header.num_samples, len(payload), len(current.accepted), len(current.task.sampled))
+
+    def _refusal(self, sender: str, header: AdapterHeader, current: _Round | None) -> str | None:
+        if header.client_id != sender:
+            return f"forged sender: payload claims {header.client_id!r} but arrived on {sender!r}'s topic"
+        if header.federation != self.options.federation:
+            return f"foreign federation {header.federation!r}"
+        if current is None or header.round < current.task.round:
+            return f"late update for round {header.round}"
+        if header.round > current.task.round:
+            return f"update for future round {header.round} (open round is {current.task.round})"
+        if sender in current.accepted:
+            return "duplicate update for this round"
+        if sender not in current.task.sampled:
+            return "not sampled for this round"
+        if header.num_samples < 1:
+            return "num_samples must be at least 1"
+        if header.head != (self.options.head == "shared"):
+            return f"head {'sent' if header.head else 'missing'} but the federation keeps it {self.options.head}"
+        return None
+
+    def _reject(self, sender: str, reason: str, round_number: int | None) -> None:
+        log.warning("update from %s rejected: %s", sender, reason)
+        self.rejections_total += 1
+        if self._round is not None:
+            self._round.rejected[sender] = reason
+            self._round.rejections += 1
+        self._notice(sender, "rejected", reason, round_number)
+
+    def _notice(self, client: str, verdict: str, reason: str, round_number: int | None) -> None:
+        self.connection.publish(self.topics.notice(client), encode_message(
+            Notice(client_id=client, verdict=verdict, reason=reason, round=round_number)))

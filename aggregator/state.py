@@ -1,0 +1,106 @@
+"""The aggregator's state directory: everything a restarted aggregator needs to resume a round.
+
+Layout (every file written atomically; JSON, safetensors and FedPEFT adapter payloads only):
+    state.json                        federation, bundle id, strategy, the open round and its task
+    rounds/0003/updates/<client>.fpa  accepted updates of round 3, as received (re-validated on load)
+    rounds/0003/global-r8.fpa         round 3's global adapter for tier r=8 (codec payload)
+    rounds/0003/global-factors.safetensors   ΔW_g factors per layer (U, S, V)
+    rounds/0003/peft/                 the global adapter as a Hugging Face peft folder
+    rounds/0003/metrics.json          the round's metrics (also appended to the metrics file)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save
+
+from edge_sdk.files import write_atomic
+from edge_sdk.protocol import RoundTask, check_identifier
+from edge_sdk.protocol.messages import MessageError, message_from_dict
+
+STATE_VERSION = 1
+PAYLOAD_SUFFIX = ".fpa"
+
+
+class StateError(RuntimeError):
+    """The state directory belongs to another federation or bundle, or is unreadable."""
+
+
+@dataclass
+class AggregatorState:
+    """Where the federation stands: `round` is the open (or next) round; `task` its published task."""
+
+    federation: str
+    bundle_id: str
+    strategy: str
+    round: int = 1
+    task: RoundTask | None = None
+
+
+class StateDir:
+    """Reads and writes one federation's state directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def load(self, federation: str, bundle_id: str, strategy: str) -> AggregatorState:
+        """The saved state, or a fresh one; refuses a directory of another federation/bundle/strategy."""
+        path = self.root / "state.json"
+        if not path.exists():
+            return AggregatorState(federation, bundle_id, strategy)
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("version") != STATE_VERSION:
+                raise StateError(f"{path} was written by another state format version.")
+            task = data.pop("task")
+            state = AggregatorState(**data, task=message_from_dict(RoundTask, task) if task else None)
+        except (OSError, ValueError, KeyError, TypeError, MessageError) as err:
+            raise StateError(f"Cannot read {path}: {err}. Move the directory aside to start a new federation.") from err
+        mine = (federation, bundle_id, strategy)
+        if (state.federation, state.bundle_id, state.strategy) != mine:
+            raise StateError(
+                f"{self.root} holds federation {state.federation!r} (bundle {state.bundle_id}, strategy "
+                f"{state.strategy}), not {mine}: use another --state-dir to start a new federation."
+            )
+        return state
+
+    def save(self, state: AggregatorState) -> None:
+        body = {"version": STATE_VERSION, **asdict(state)}
+        write_atomic(self.root / "state.json", json.dumps(body, indent=1, sort_keys=True).encode())
+
+    def round_dir(self, round_number: int) -> Path:
+        return self.root / "rounds" / f"{round_number:04d}"
+
+    def save_update(self, round_number: int, client_id: str, payload: bytes) -> None:
+        check_identifier(client_id, "Client id")
+        write_atomic(self.round_dir(round_number) / "updates" / f"{client_id}{PAYLOAD_SUFFIX}", payload)
+
+    def updates(self, round_number: int) -> dict[str, bytes]:
+        """Accepted update payloads of a round, client id → bytes."""
+        folder = self.round_dir(round_number) / "updates"
+        if not folder.is_dir():
+            return {}
+        return {p.name[: -len(PAYLOAD_SUFFIX)]: p.read_bytes() for p in sorted(folder.glob(f"*{PAYLOAD_SUFFIX}"))}
+
+    def save_globals(self, round_number: int, payloads: dict[int, bytes], factors: dict[str, np.ndarray]) -> None:
+        folder = self.round_dir(round_number)
+        write_atomic(folder / "global-factors.safetensors", save(factors))
+        for rank, payload in payloads.items():
+            write_atomic(folder / f"global-r{rank}{PAYLOAD_SUFFIX}", payload)
+
+    def globals(self, round_number: int) -> dict[int, bytes]:
+        """Global adapter payloads written at the end of `round_number`, rank → bytes (empty for round 0)."""
+        folder = self.round_dir(round_number)
+        if round_number < 1 or not folder.is_dir():
+            return {}
+        return {int(p.stem[len("global-r"):]): p.read_bytes() for p in folder.glob(f"global-r*{PAYLOAD_SUFFIX}")}
+
+    def save_metrics(self, round_number: int, record: dict) -> None:
+        write_atomic(self.round_dir(round_number) / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def peft_dir(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / "peft"

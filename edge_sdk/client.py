@@ -1,0 +1,300 @@
+"""The device's federation runtime: join, profile, choose a tier, train each sampled round, upload.
+
+Embed it in an app:
+
+    client = FederatedClient(bundle, BrokerSettings.from_url("mqtt://broker:1883"), "my-fed", data=examples)
+    client.run()            # until the federation finishes or client.stop() is called
+
+`data` is a `Dataset` or a callable round → Dataset, so the app can supply fresh local data each
+round. The client never uploads twice for a round: it records the round in its state file before
+publishing, and after a restart it resumes a round whose task is still open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edge_sdk.data import Dataset, Example
+from edge_sdk.files import write_atomic
+from edge_sdk.manifest import bundle_id, read_manifest
+from edge_sdk.profile import DeviceProfile, profile_device
+from edge_sdk.protocol import (
+    AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, MessageError, Notice, RoundTask, Topics,
+    check_identifier, decode_adapter, decode_message, encode_adapter, encode_message, parse_chunk, split_payload,
+)
+from edge_sdk.protocol.chunks import Chunk
+from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
+from edge_sdk.rank import RankChoice, RankPolicy, choose_rank
+from edge_sdk.trainer import EvalReport, Trainer
+
+log = logging.getLogger("fedpeft.client")
+DataSource = Dataset | Callable[[int], Dataset]
+
+
+class ClientRefusedError(RuntimeError):
+    """The aggregator refused this client (protocol version, tier or bundle mismatch)."""
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What this device did in one round."""
+
+    round: int
+    rank: int
+    samples: int
+    steps: int
+    train_seconds: float
+    train_loss: float
+    upload_bytes: int
+    evaluation: EvalReport | None
+
+
+class FederatedClient:
+    """One device in a federation, speaking the FedPEFT protocol through an MQTT broker."""
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        broker: BrokerSettings,
+        federation: str,
+        data: DataSource,
+        *,
+        client_id: str | None = None,
+        eval_data: Dataset | None = None,
+        preset: str | None = None,
+        threads: int | None = None,
+        device: str = "cpu",
+        state_dir: str | Path | None = None,
+        on_progress: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self.bundle, self.federation = Path(bundle), check_identifier(federation, "Federation id")
+        self.manifest = read_manifest(self.bundle)
+        self.data, self.eval_data = data, (list(eval_data) if eval_data is not None else None)
+        self.preset, self.threads, self.device, self.on_progress = preset, threads, device, on_progress
+        self.state_dir = Path(state_dir or Path.home() / ".cache" / "fedpeft" / "clients" / federation)
+        self.client_id = check_identifier(client_id or self._stored_client_id(), "Client id")
+        self.topics = Topics(federation)
+        self.profile: DeviceProfile | None = None
+        self.rank_choice: RankChoice | None = None
+        self.trainer: Trainer | None = None
+        self.config: FederationConfig | None = None
+        self._task: RoundTask | None = None
+        self._chunks: dict[int, Chunk] = {}
+        self._refused: str | None = None
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        offline = encode_message(ClientStatus(client_id=self.client_id, state="offline"))
+        self.connection = MqttConnection(
+            f"fedpeft-{federation}-{self.client_id}", broker, self._on_message,
+            subscriptions=[self.topics.config, self.topics.task, self.topics.notice(self.client_id)],
+            will=(self.topics.status(self.client_id), offline), on_connect=self._announce,
+        )
+        self._status: bytes | None = None
+
+    # Public API ------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Connect, read the federation config, profile this device, choose a tier and join."""
+        self.connection.start(timeout)
+        config = self._wait(lambda: self.config, timeout, "the federation config (is the aggregator running?)")
+        if config.bundle_id != bundle_id(self.bundle):
+            raise ClientRefusedError(
+                f"The federation trains bundle {config.bundle_id}, this device has {bundle_id(self.bundle)}: "
+                "install the federation's bundle."
+            )
+        examples = self._round_data(0)
+        self.profile, prober = profile_device(
+            self.bundle, examples, batch_size=config.training.batch_size, preset=self.preset,
+            threads=self.threads, device=self.device,
+        )
+        self.rank_choice = choose_rank(self.profile, RankPolicy.from_dict(config.rank_policy), config.ranks, prober)
+        rank = self.rank_choice.rank
+        self.trainer = Trainer(self.bundle, rank, device=self.device, threads=self.profile.threads,
+                               head="shared" if config.head == "shared" else "local")
+        self.connection.subscribe(self.topics.global_chunks(rank))
+        self._status = encode_message(ClientStatus(
+            client_id=self.client_id, state="online", rank=rank, profile=self.profile.to_dict(),
+            rank_choice=self.rank_choice.to_dict(),
+        ))
+        self._announce()
+        log.info("%s joined %s at tier r=%d (formula r=%d)", self.client_id, self.federation, rank,
+                 self.rank_choice.raw_rank)
+
+    def run(self, max_rounds: int | None = None) -> list[RoundReport]:
+        """Take part in rounds until the federation finishes, `stop()` is called, or `max_rounds` were done."""
+        if self.trainer is None:
+            self.start()
+        reports: list[RoundReport] = []
+        try:
+            while max_rounds is None or len(reports) < max_rounds:
+                report = self.run_round()
+                if report is None:
+                    break
+                reports.append(report)
+        finally:
+            self.close()
+        return reports
+
+    def run_round(self, timeout: float | None = None) -> RoundReport | None:
+        """Wait for the next round that samples this device, train and upload; None when finished or stopped."""
+        if self.trainer is None:
+            self.start()
+        task = self._wait(self._next_task, timeout, "a round task", allow_stop=True)
+        if task is None or task.finished:
+            return None
+        return self._train_and_upload(task)
+
+    def stop(self) -> None:
+        """Finish gracefully: training stops between steps and `run` returns."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Mark this device offline and disconnect."""
+        if self.connection.connected:
+            offline = encode_message(ClientStatus(client_id=self.client_id, state="offline"))
+            try:
+                self.connection.publish_all([(self.topics.status(self.client_id), offline, True)], timeout=5)
+            except ConnectionError:
+                log.warning("%s: could not publish the offline status", self.client_id)
+        self.connection.stop()
+
+    # Rounds ----------------------------------------------------------------------------------
+
+    def _next_task(self) -> RoundTask | None:
+        task = self._task
+        if task is None:
+            return None
+        if task.finished:
+            return task
+        if self.client_id in task.sampled and task.round > self._last_uploaded() and time.time() < task.deadline:
+            return task
+        return None
+
+    def _train_and_upload(self, task: RoundTask) -> RoundReport:
+        assert self.trainer is not None and self.config is not None
+        rank = self.trainer.rank
+        ref = task.global_for(rank)
+        if ref is not None:
+            payload = self._wait(lambda: self._global_payload(ref.sha256, ref.chunks), 120,
+                                 f"the global adapter for r={rank}")
+            _, adapter = decode_adapter(payload, self.manifest)
+            self.trainer.set_adapter(adapter)
+        training = self.config.training
+        examples = self._round_data(task.round)
+        seed = (task.seed + zlib.crc32(self.client_id.encode())) % 2**31
+        report = self.trainer.fit(
+            examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
+            schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,
+            on_step=(lambda step, loss: self.on_progress(task.round, step, loss)) if self.on_progress else None,
+            should_stop=self._stop.is_set,
+        )
+        evaluation = self.trainer.evaluate(self.eval_data) if self.eval_data else None
+        metrics = {"train_loss": report.mean_loss, "train_seconds": report.wall_seconds}
+        if evaluation is not None:
+            metrics.update(eval_accuracy=evaluation.accuracy, eval_macro_f1=evaluation.macro_f1, eval_loss=evaluation.loss)
+        payload = encode_adapter(self.trainer.get_adapter(), AdapterHeader(
+            federation=self.federation, round=task.round, client_id=self.client_id, rank=rank,
+            num_samples=len(examples), dtype=self.config.dtype, metrics=metrics,
+        ))
+        self._record_upload(task.round)
+        chunks = split_payload(payload, self.config.chunk_size)
+        self.connection.publish_all([(self.topics.update(self.client_id), c, False) for c in chunks], timeout=300)
+        log.info("%s: round %d uploaded (%d steps, loss %.3f, %d bytes)", self.client_id, task.round, report.steps,
+                 report.mean_loss, len(payload))
+        return RoundReport(task.round, rank, len(examples), report.steps, report.wall_seconds, report.mean_loss,
+                           len(payload), evaluation)
+
+    def _round_data(self, round_number: int) -> list[Example]:
+        data = self.data(round_number) if callable(self.data) else self.data
+        examples = list(data)
+        if not examples:
+            raise ValueError(f"{self.client_id}: the data source gave no examples for round {round_number}.")
+        return examples
+
+    def _global_payload(self, sha256: str, count: int) -> bytes | None:
+        parts = [self._chunks.get(i) for i in range(count)]
+        if any(p is None or p.sha256 != sha256 for p in parts):
+            return None
+        return b"".join(p.data for p in parts if p is not None)
+
+    # Messages (network thread) -----------------------------------------------------------------
+
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._dispatch(message.topic, message.payload)
+        except (MessageError, ChunkError, CodecError) as err:
+            log.warning("%s: dropped a bad message on %s: %s", self.client_id, message.topic, err)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.config:
+            self.config = decode_message(payload, FederationConfig) if payload else None
+        elif topic == self.topics.task:
+            self._task = decode_message(payload, RoundTask) if payload else None
+        elif topic == self.topics.notice(self.client_id):
+            notice = decode_message(payload, Notice)
+            log.warning("%s: aggregator %s: %s", self.client_id, notice.verdict, notice.reason)
+            if notice.verdict == "refused":
+                self._refused = notice.reason
+        elif self.trainer is not None and topic.startswith(self.topics.global_chunks(self.trainer.rank)[:-1]) and payload:
+            chunk = parse_chunk(payload, 1 << 30)
+            self._chunks[chunk.index] = chunk
+
+    def _announce(self) -> None:
+        if self._status is not None:
+            self.connection.publish(self.topics.status(self.client_id), self._status, retain=True)
+
+    def _wait(self, ready: Callable[[], object], timeout: float | None, what: str, allow_stop: bool = False):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if self._refused:
+                    raise ClientRefusedError(f"The aggregator refused {self.client_id}: {self._refused}")
+                value = ready()
+                if value is not None:
+                    return value
+                if self._stop.is_set():
+                    if allow_stop:
+                        return None
+                    raise RuntimeError(f"{self.client_id} was stopped while waiting for {what}.")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{self.client_id}: no {what} within {timeout:.0f} s.")
+                self._changed.wait(0.5 if remaining is None else min(0.5, remaining))
+
+    # Local state -------------------------------------------------------------------------------
+
+    def _state_file(self) -> Path:
+        return self.state_dir / f"{self.client_id}.json"
+
+    def _last_uploaded(self) -> int:
+        try:
+            return int(json.loads(self._state_file().read_text())["last_uploaded_round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _record_upload(self, round_number: int) -> None:
+        write_atomic(self._state_file(), json.dumps({"last_uploaded_round": round_number}).encode())
+
+    def _stored_client_id(self) -> str:
+        path = self.state_dir / "client-id"
+        if path.exists():
+            return path.read_text().strip()
+        host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40].strip("-.") or "device"
+        generated = f"{host}-{uuid.uuid4().hex[:8]}"
+        write_atomic(path, generated.encode())
+        return generated

@@ -1,0 +1,220 @@
+"""Control messages (JSON): federation config, client status, round task, round result, notices.
+
+Every message carries `version`; a peer refuses versions it does not speak with
+`UnsupportedVersionError`. Decoding checks types and required fields and never trusts the
+sender: anything malformed raises `MessageError` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from types import UnionType
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+from edge_sdk.protocol.topics import check_identifier
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class MessageError(ValueError):
+    """A control message is malformed."""
+
+
+class UnsupportedVersionError(MessageError):
+    """The peer speaks a protocol version this one does not."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training each sampled client runs per round."""
+
+    steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    schedule: str = "linear"
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Announced once (retained): what every client needs to profile itself, choose a tier and train."""
+
+    federation: str
+    bundle_id: str
+    ranks: list[int]
+    rank_policy: dict[str, Any]
+    head: str
+    dtype: str
+    chunk_size: int
+    training: TrainingConfig
+    rounds: int
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """A client's join message and presence (retained; the broker publishes the 'offline' last will)."""
+
+    client_id: str
+    state: str
+    rank: int | None = None
+    profile: dict[str, Any] | None = None
+    rank_choice: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class GlobalAdapterRef:
+    """Where a tier's global adapter for this round is: its chunk count, size and SHA-256."""
+
+    sha256: str
+    num_bytes: int
+    chunks: int
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """The open round (retained): who trains, until when, from which global adapter per tier."""
+
+    round: int
+    attempt: int
+    deadline: float
+    sampled: list[str]
+    seed: int
+    globals: dict[str, GlobalAdapterRef] = field(default_factory=dict)
+    finished: bool = False
+
+    def global_for(self, rank: int) -> GlobalAdapterRef | None:
+        return self.globals.get(str(rank))
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a closed round produced; `metrics` holds the aggregator's per-round figures."""
+
+    round: int
+    participants: list[str]
+    dropouts: list[str]
+    rejected: dict[str, str]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Aggregator → one client: `verdict` is 'refused' (cannot take part) or 'rejected' (an update was dropped)."""
+
+    client_id: str
+    verdict: str
+    reason: str
+    round: int | None = None
+
+
+Message = TypeVar("Message", FederationConfig, ClientStatus, RoundTask, RoundResult, Notice)
+_KINDS = {cls.__name__: cls for cls in (FederationConfig, ClientStatus, RoundTask, RoundResult, Notice)}
+
+
+def encode_message(message: FederationConfig | ClientStatus | RoundTask | RoundResult | Notice) -> bytes:
+    """JSON bytes with the protocol version and the message kind."""
+    body = {"version": PROTOCOL_VERSION, "kind": type(message).__name__, **asdict(message)}
+    return json.dumps(body, sort_keys=True, allow_nan=False).encode()
+
+
+def decode_message(payload: bytes, expected: type[Message]) -> Message:
+    """Parse and validate a message of type `expected`."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"Control message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}.")
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MessageError(f"Not a JSON control message: {err}") from err
+    if not isinstance(data, dict):
+        raise MessageError("A control message must be a JSON object.")
+    version = data.pop("version", None)
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersionError(
+            f"Peer speaks FedPEFT protocol version {version!r}; this one speaks {PROTOCOL_VERSION}. "
+            "Upgrade the older side."
+        )
+    kind = data.pop("kind", None)
+    if kind != expected.__name__:
+        raise MessageError(f"Expected a {expected.__name__} message, got {kind!r}.")
+    return message_from_dict(expected, data)
+
+
+def message_from_dict(cls: type[Message], data: dict[str, Any]) -> Message:
+    """Build and check a message from its fields (without version and kind), e.g. read back from disk."""
+    message = _build(cls, data)
+    _check(message)
+    return message
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], data: dict[str, Any]) -> _T:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise MessageError(f"{cls.__name__}: unexpected fields {sorted(unknown)}.")
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is not MISSING or f.default_factory is not MISSING:
+                continue
+            raise MessageError(f"{cls.__name__}: missing field {f.name!r}.")
+        values[f.name] = _convert(data[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise MessageError(f"{cls.__name__}: {err}") from err
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if hint in (TrainingConfig, GlobalAdapterRef):
+        if not isinstance(value, dict):
+            raise MessageError(f"{where} must be an object.")
+        return _build(hint, value)
+    if origin is UnionType:  # X | None
+        return None if value is None else _convert(value, next(a for a in args if a is not type(None)), where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MessageError(f"{where} must be a list.")
+        return [_convert(v, args[0], where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise MessageError(f"{where} must be an object with string keys.")
+        return {k: _convert(v, args[1], where) for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise MessageError(f"{where} must be {hint.__name__}, got {type(value).__name__}.")
+    return value
+
+
+def _check(message: Any) -> None:
+    """Semantic checks beyond types (identifiers, ranges)."""
+    try:
+        if isinstance(message, ClientStatus):
+            check_identifier(message.client_id, "Client id")
+            if message.state not in ("online", "offline"):
+                raise MessageError(f"ClientStatus.state must be 'online' or 'offline', not {message.state!r}.")
+        elif isinstance(message, RoundTask):
+            for client in message.sampled:
+                check_identifier(client, "Client id")
+            if message.round < 0 or message.attempt < 0:
+                raise MessageError("RoundTask.round and attempt must not be negative.")
+        elif isinstance(message, FederationConfig):
+            check_identifier(message.federation, "Federation id")
+            if message.chunk_size < 1024 or not message.ranks or message.head not in ("shared", "local"):
+                raise MessageError("FederationConfig needs chunk_size ≥ 1024, tiers, and head 'shared' or 'local'.")
+        elif isinstance(message, Notice):
+            check_identifier(message.client_id, "Client id")
+    except ValueError as err:
+        if isinstance(err, MessageError):
+            raise
+        raise MessageError(str(err)) from err

@@ -1,0 +1,166 @@
+"""Real federations: aggregator and clients as separate processes through a real mosquitto broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_sdk.manifest import read_manifest
+from edge_sdk.protocol import decode_adapter
+from edge_sdk.trainer import Trainer
+from tests.federation import (
+    finish, read_metrics, rotten_tomatoes_split, start_aggregator, start_client, wait_for, write_shards,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _global(state, round_number: int, rank: int, manifest):
+    return decode_adapter((state / "rounds" / f"{round_number:04d}" / f"global-r{rank}.fpa").read_bytes(), manifest)[1]
+
+
+def _retained(url: str, topic: str, timeout: float = 5.0) -> dict:
+    """Retained messages under `topic` (a filter), topic → JSON, read by a plain paho subscriber."""
+    seen: dict[str, dict] = {}
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda _c, _u, m: seen.__setitem__(m.topic, json.loads(m.payload) if m.payload else None)
+    host, port = url.removeprefix("mqtt://").split(":")
+    client.connect(host, int(port))
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    time.sleep(min(timeout, 1.0))
+    client.loop_stop()
+    client.disconnect()
+    return seen
+
+
+def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bundle, mosquitto, tmp_path):
+    pool, held_out = rotten_tomatoes_split()
+    shards = write_shards(tmp_path / "data", pool, [160] * 5)
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(5))]
+    aggregator = start_aggregator(
+        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "e2e", "--rounds", "3",
+        "--clients-per-round", "5", "--min-clients", "5", "--round-timeout", "300", "--steps", "20", "--lr", "3e-3",
+        "--normalizers", "2048,0.1,50",
+    )
+    presets = ["low", "low", "mid", "high", "high"]
+    clients = [start_client(minilm_bundle, mosquitto.url, "e2e", shards[i], f"dev{i}", tmp_path / "clients", logs[i + 1],
+                            cache, "--profile", presets[i]) for i in range(5)]
+    finish([aggregator, *clients], 900, logs)
+
+    metrics = read_metrics(state)
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert all(m["participants"] == [f"dev{i}" for i in range(5)] and m["rejected"] == 0 for m in metrics)
+    ranks = metrics[-1]["ranks"]
+    assert {ranks["dev0"], ranks["dev2"], ranks["dev3"]} == {2, 8}, ranks
+    assert all(m["bytes_accepted"] < 0.002 * m["full_fedavg_bytes"] for m in metrics)
+
+    manifest = read_manifest(minilm_bundle)
+    trainer = Trainer(minilm_bundle, 8, threads=2)
+    test = held_out[:400]
+    zero_shot = trainer.evaluate(test)
+    trainer.set_adapter(_global(state, 3, 8, manifest))
+    federated = trainer.evaluate(test)
+    assert federated.accuracy > zero_shot.accuracy + 0.05, (zero_shot, federated)
+    peft_config = json.loads((state / "rounds" / "0003" / "peft" / "adapter_config.json").read_text())
+    assert peft_config["r"] == 8
+
+
+def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninterrupted_run(
+        minilm_bundle, mosquitto, tmp_path):
+    pool, _ = rotten_tomatoes_split()
+    shards = write_shards(tmp_path / "data", pool, [32, 160, 320])
+    cache = tmp_path / "cache"
+    args = ("--federation", "crash", "--rounds", "2", "--clients-per-round", "3", "--min-clients", "3",
+            "--round-timeout", "300", "--epochs", "1", "--lr", "3e-3")
+
+    def federation(name: str, kill_in_round: int | None) -> tuple[object, list[dict]]:
+        state, logs = tmp_path / name, [tmp_path / f"{name}-aggregator.log"]
+        fed_args = (*args[:1], name, *args[2:])
+        aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, logs[0], cache, *fed_args)
+        clients = []
+        for i in range(3):
+            logs.append(tmp_path / f"{name}-client{i}.log")
+            clients.append(start_client(minilm_bundle, mosquitto.url, name, shards[i], f"dev{i}", tmp_path / name / "c",
+                                        logs[-1], cache, "--threads", "1", "--profile", "mid"))
+        if kill_in_round is not None:
+            updates = state / "rounds" / f"{kill_in_round:04d}" / "updates"
+            wait_for(lambda: updates.is_dir() and len(list(updates.glob("*.fpa"))) >= 1, 300, "a first accepted update")
+            os.kill(aggregator.pid, signal.SIGKILL)
+            aggregator.wait()
+            accepted_before = sorted(p.stem for p in updates.glob("*.fpa"))
+            assert 1 <= len(accepted_before) < 3, "the kill must land in the middle of the round"
+            aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, logs[0], cache, *fed_args)
+        finish([aggregator, *clients], 600, logs)
+        metrics = read_metrics(state)
+        if kill_in_round is not None:
+            assert set(accepted_before) <= set(metrics[kill_in_round - 1]["participants"])
+        return _global(state, 2, 8, read_manifest(minilm_bundle)), metrics
+
+    uninterrupted, clean_metrics = federation("clean", None)
+    resumed, crash_metrics = federation("crashed", kill_in_round=2)
+    assert [m["participants"] for m in crash_metrics] == [m["participants"] for m in clean_metrics]
+    for layer, (a, b) in uninterrupted.lora.items():
+        np.testing.assert_allclose(resumed.lora[layer][0], a, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(resumed.lora[layer][1], b, rtol=0, atol=1e-6)
+    for name, value in uninterrupted.head.items():
+        np.testing.assert_allclose(resumed.head[name], value, rtol=0, atol=1e-6)
+
+
+def test_two_vanished_clients_round_closes_at_quorum_then_one_rejoins(minilm_bundle, mosquitto, tmp_path):
+    pool, _ = rotten_tomatoes_split()
+    shards = write_shards(tmp_path / "data", pool, [96, 96, 96, 800, 800])
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(5))]
+    aggregator = start_aggregator(
+        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "vanish", "--rounds", "3",
+        "--clients-per-round", "5", "--min-clients", "3", "--min-online", "5", "--round-timeout", "25", "--steps", "12",
+    )
+    start = lambda i: start_client(minilm_bundle, mosquitto.url, "vanish", shards[i], f"dev{i}", tmp_path / "c",  # noqa: E731
+                                   logs[i + 1], cache, "--threads", "1", "--profile", "mid")
+    clients = [start(i) for i in range(5)]
+    wait_for(lambda: (state / "state.json").exists() and
+             json.loads((state / "state.json").read_text())["task"] is not None, 300, "round 1 to open")
+    for i in (3, 4):
+        os.kill(clients[i].pid, signal.SIGKILL)
+        clients[i].wait()
+    wait_for(lambda: len(read_metrics(state)) >= 1, 120, "round 1 to close")
+    first = read_metrics(state)[0]
+    assert first["participants"] == ["dev0", "dev1", "dev2"] and first["dropouts"] == ["dev3", "dev4"]
+    assert first["round_seconds"] >= 20, "the round must wait for the deadline before closing at quorum"
+    statuses = _retained(mosquitto.url, "fedpeft/vanish/clients/+/status")
+    assert statuses["fedpeft/vanish/clients/dev4/status"]["state"] == "offline"
+    clients[3] = start(3)
+    finish([aggregator, *clients[:4]], 600, logs)
+    rounds = read_metrics(state)
+    assert len(rounds) == 3
+    assert "dev3" in rounds[1]["participants"] + rounds[2]["participants"], [r["participants"] for r in rounds]
+
+
+def test_broker_restart_mid_round_everyone_reconnects_and_the_round_completes(minilm_bundle, mosquitto, tmp_path):
+    pool, _ = rotten_tomatoes_split()
+    shards = write_shards(tmp_path / "data", pool, [96, 96, 400])
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(3))]
+    aggregator = start_aggregator(
+        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "restart", "--rounds", "2",
+        "--clients-per-round", "3", "--min-clients", "3", "--round-timeout", "300", "--epochs", "1",
+    )
+    clients = [start_client(minilm_bundle, mosquitto.url, "restart", shards[i], f"dev{i}", tmp_path / "c", logs[i + 1],
+                            cache, "--threads", "1", "--profile", "mid") for i in range(3)]
+    updates = state / "rounds" / "0001" / "updates"
+    wait_for(lambda: updates.is_dir() and any(updates.glob("*.fpa")), 300, "a first update of round 1")
+    mosquitto.stop()
+    time.sleep(2)
+    mosquitto.start()
+    finish([aggregator, *clients], 600, logs)
+    rounds = read_metrics(state)
+    assert [r["participants"] for r in rounds] == [["dev0", "dev1", "dev2"]] * 2

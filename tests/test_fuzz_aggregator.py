@@ -1,0 +1,118 @@
+"""≥1000 malformed payloads into a live round: each is dropped with a reason, nothing crashes, the result is unchanged."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+from edge_sdk.adapter import Adapter
+from edge_sdk.manifest import read_manifest
+from edge_sdk.protocol import AdapterHeader, decode_adapter, encode_adapter, max_payload_bytes, split_payload
+from edge_sdk.protocol.transport import BrokerSettings
+from tests.federation import ReplayClient, aggregator_thread, wait_for
+
+pytestmark = pytest.mark.slow
+CLIENTS = {"dev0": "r2-0", "dev1": "r8-0", "dev2": "r2-1"}
+
+
+def _flip(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+def _malformed(adapters, manifest, federation: str, round_number: int, rng: random.Random) -> list[tuple[str, bytes]]:
+    """(sender, message) pairs; every one must be rejected: framing, checksums, schema, values and identity."""
+    r2, r8 = adapters["r2-0"], adapters["r8-0"]
+    header = dict(federation=federation, round=round_number, rank=2, num_samples=10)
+
+    def framed(adapter: Adapter, **overrides) -> bytes:
+        return split_payload(encode_adapter(adapter, AdapterHeader(**{"client_id": "dev0", **header, **overrides})))[0]
+
+    def broken(transform) -> Adapter:
+        return Adapter(rank=2, lora={k: transform(k, a, b) for k, (a, b) in r2.lora.items()}, head=dict(r2.head))
+
+    first_layer = next(iter(r2.lora))
+    valid = encode_adapter(r2, AdapterHeader(client_id="dev0", **header))
+    cases: list[tuple[str, bytes]] = []
+    cases += [("dev0", rng.randbytes(rng.randrange(0, 2048))) for _ in range(200)]
+    cases += [("dev1", split_payload(valid)[0][: rng.randrange(1, 2000)]) for _ in range(100)]
+    cases += [("dev2", _flip(split_payload(valid)[0], rng)) for _ in range(150)]
+    cases += [("dev0", split_payload(_flip(valid, rng))[0]) for _ in range(100)]
+    cases += [("dev1", split_payload(valid[: rng.randrange(1, len(valid))])[0]) for _ in range(100)]
+    cases += [("dev0", pickle.dumps({"rank": 2, "lora": "x"})), ("dev0", split_payload(pickle.dumps([1, 2]))[0])] * 5
+    cases += [("dev2", split_payload(b"\0" * (max_payload_bytes(manifest) + 1))[0])] * 3
+    nan = broken(lambda k, a, b: (np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a), b))
+    inf = broken(lambda k, a, b: (a, np.full_like(b, np.inf)))
+    wrong_shape = broken(lambda k, a, b: (a[:, :-1], b))
+    lying_rank = Adapter(rank=8, lora=r2.lora, head=r2.head)
+    unknown = Adapter(rank=2, lora={**r2.lora, "encoder.layer.99.attention.self.query": r2.lora[first_layer]},
+                      head=r2.head)
+    missing = Adapter(rank=2, lora={k: v for k, v in r2.lora.items() if k != first_layer}, head=r2.head)
+    headless = Adapter(rank=2, lora=r2.lora, head={})
+    for sender, message in [
+        ("dev0", framed(nan)), ("dev0", framed(inf)), ("dev1", framed(wrong_shape)), ("dev0", framed(lying_rank)),
+        ("dev2", framed(unknown)), ("dev0", framed(missing)), ("dev0", framed(headless)),
+        ("mallory", framed(r2)),                                         # forged: claims dev0 on mallory's topic
+        ("dev1", framed(r8, client_id="dev1", federation="other")),      # foreign federation
+        ("dev1", framed(r8, client_id="dev1", rank=8, round=round_number + 1)),   # future round
+        ("dev1", framed(r8, client_id="dev1", rank=8, round=round_number - 1)),   # late
+        ("mallory", framed(r2, client_id="mallory")),                    # not sampled
+        ("dev2", framed(r2, client_id="dev2", num_samples=0)),          # invalid sample count
+        ("dev2", framed(r2, client_id="dev2", dtype="int8").replace(b'"int8"', b'"fp64"', 1)),
+    ]:
+        cases += [(sender, message)] * 25
+    rng.shuffle(cases)
+    return cases
+
+
+def _federation(bundle, broker, adapters, tmp_path, name: str, fuzz: bool, caplog) -> tuple[Adapter, dict, int]:
+    settings = BrokerSettings.from_url(broker.url)
+    manifest = read_manifest(bundle)
+    aggregator, thread, errors = aggregator_thread(
+        bundle, settings, tmp_path / name, name, rounds=1, clients_per_round=3, min_clients=3, round_timeout=300,
+    )
+    clients = {cid: ReplayClient(settings, name, cid, adapters[key].rank).join() for cid, key in CLIENTS.items()}
+    task = next(iter(clients.values())).next_task()
+    sent = 0
+    if fuzz:
+        mallory = ReplayClient(settings, name, "mallory", 2).join()
+        cases = _malformed(adapters, manifest, name, task.round, random.Random(0))
+        for sender in sorted({s for s, _ in cases}):
+            mallory.send_raw(f"fedpeft/{name}/clients/{sender}/update", [m for s, m in cases if s == sender])
+        sent = len(cases)
+        wait_for(lambda: aggregator.rejections_total >= sent - 4, 300, "every malformed payload to be handled")
+        assert thread.is_alive(), errors
+        mallory.close()
+    for cid, key in CLIENTS.items():
+        adapter = adapters[key]
+        clients[cid].upload(encode_adapter(adapter, AdapterHeader(
+            federation=name, round=task.round, client_id=cid, rank=adapter.rank, num_samples=40 + len(cid))))
+    thread.join(120)
+    assert not thread.is_alive() and not errors, errors
+    for client in clients.values():
+        client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "the aggregator must only log warnings"
+    record = aggregator.records[0]
+    payload = (tmp_path / name / "rounds" / "0001" / "global-r8.fpa").read_bytes()
+    return decode_adapter(payload, manifest)[1], record, sent
+
+
+def test_a_thousand_malformed_updates_are_dropped_and_change_nothing(minilm_bundle, trained_adapters, mosquitto,
+                                                                    tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="fedpeft")
+    clean, clean_record, _ = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "clean", False, caplog)
+    fuzzed, record, sent = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "fuzzed", True, caplog)
+    assert sent >= 1000
+    assert record["participants"] == clean_record["participants"] == sorted(CLIENTS)
+    assert record["rejected"] >= sent - 4
+    reasons = " ".join(record["rejected_reasons"].values())
+    assert "forged sender" in record["rejected_reasons"]["mallory"] or "not sampled" in reasons
+    for layer, (a, b) in clean.lora.items():
+        assert np.array_equal(fuzzed.lora[layer][0], a) and np.array_equal(fuzzed.lora[layer][1], b)
+    for name, value in clean.head.items():
+        assert np.array_equal(fuzzed.head[name], value)
