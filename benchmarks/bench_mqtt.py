@@ -39,9 +39,6 @@ from edge_sdk.protocol import (  # noqa: E402
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 
-FEDERATION = "bench"
-
-
 def random_adapter(manifest, rank: int, rng: np.random.Generator) -> Adapter:
     tier = manifest.tier(rank)
     lora = {p.layer: (rng.standard_normal(p.a_shape, dtype=np.float32) * 0.01,
@@ -50,11 +47,11 @@ def random_adapter(manifest, rank: int, rng: np.random.Generator) -> Adapter:
     return Adapter(rank=rank, lora=lora, head=head)
 
 
-def payloads(bundle: Path, rank: int, clients: int, round_number: int) -> list[bytes]:
+def payloads(bundle: Path, federation: str, rank: int, clients: int, round_number: int) -> list[bytes]:
     manifest = read_manifest(bundle)
     rng = np.random.default_rng(0)
     return [encode_adapter(random_adapter(manifest, rank, rng), AdapterHeader(
-        federation=FEDERATION, round=round_number, client_id=f"c{i:04d}", rank=rank, num_samples=100))
+        federation=federation, round=round_number, client_id=f"c{i:04d}", rank=rank, num_samples=100))
         for i in range(clients)]
 
 
@@ -66,34 +63,35 @@ def cli() -> None:
 @cli.command()
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--port", type=int, required=True)
+@click.option("--federation", required=True)
 @click.option("--mode", type=click.Choice(["raw", "aggregator"]), required=True)
 @click.option("--clients", type=int, required=True)
 @click.option("--rank", type=int, required=True)
-def publish(bundle: Path, port: int, mode: str, clients: int, rank: int) -> None:
+def publish(bundle: Path, port: int, federation: str, mode: str, clients: int, rank: int) -> None:
     """N client connections that each publish one update; prints the first-publish time as JSON."""
     settings = BrokerSettings(port=port)
-    topics = Topics(FEDERATION)
+    topics = Topics(federation)
     tasks: list[RoundTask] = []
     got_task = threading.Event()
 
     def on_task(message) -> None:
-        if message.payload:
+        if message.topic == topics.task and message.payload:
             tasks.append(decode_message(message.payload, RoundTask))
             got_task.set()
 
     ids = [f"c{i:04d}" for i in range(clients)]
-    connections = [MqttConnection(f"bench-pub-{cid}", settings, lambda m: None).start() for cid in ids]
-    round_number = 1
+    connections = [MqttConnection(f"bench-{federation}-{cid}", settings, lambda m: None).start() for cid in ids]
+    messages = [split_payload(p)[0] for p in payloads(bundle, federation, rank, clients, round_number=1)]
     if mode == "aggregator":
-        watcher = MqttConnection("bench-watcher", settings, on_task, subscriptions=[topics.task]).start()
+        watcher = MqttConnection(f"bench-{federation}-watcher", settings, on_task, subscriptions=[topics.task]).start()
         for cid, connection in zip(ids, connections):
             status = ClientStatus(client_id=cid, state="online", rank=rank)
             connection.publish(topics.status(cid), encode_message(status), retain=True)
         if not got_task.wait(120):
             raise SystemExit("no task from the aggregator")
-        round_number = tasks[-1].round
+        if tasks[-1].round != 1:
+            raise SystemExit(f"expected the first round of a fresh federation, got round {tasks[-1].round}")
         watcher.stop()
-    messages = [split_payload(p)[0] for p in payloads(bundle, rank, clients, round_number)]
     topic = (lambda cid: topics.update(cid)) if mode == "aggregator" else (lambda cid: f"bench/raw/{cid}")
     start = time.time()
     infos = [c.publish(topic(cid), m) for cid, c, m in zip(ids, connections, messages)]
@@ -104,9 +102,9 @@ def publish(bundle: Path, port: int, mode: str, clients: int, rank: int) -> None
         connection.stop()
 
 
-def run_publisher(bundle: Path, port: int, mode: str, clients: int, rank: int) -> subprocess.Popen:
-    command = [sys.executable, __file__, "publish", "--bundle", str(bundle), "--port", str(port), "--mode", mode,
-               "--clients", str(clients), "--rank", str(rank)]
+def run_publisher(bundle: Path, port: int, federation: str, mode: str, clients: int, rank: int) -> subprocess.Popen:
+    command = [sys.executable, __file__, "publish", "--bundle", str(bundle), "--port", str(port), "--federation",
+               federation, "--mode", mode, "--clients", str(clients), "--rank", str(rank)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
@@ -129,7 +127,7 @@ def raw_seconds(bundle: Path, broker: Mosquitto, clients: int, rank: int) -> tup
     subscriber = MqttConnection("bench-raw-sub", BrokerSettings(port=broker.port), on_message,
                                 subscriptions=["bench/raw/#"]).start()
     time.sleep(0.2)
-    result = publisher_result(run_publisher(bundle, broker.port, "raw", clients, rank))
+    result = publisher_result(run_publisher(bundle, broker.port, "raw", "raw", clients, rank))
     if not done.wait(300):
         raise SystemExit(f"raw: only {len(received)} of {clients} messages arrived")
     subscriber.stop()
@@ -137,12 +135,13 @@ def raw_seconds(bundle: Path, broker: Mosquitto, clients: int, rank: int) -> tup
 
 
 def aggregator_run(bundle: Path, broker: Mosquitto, clients: int, rank: int, state: Path) -> tuple[float, int, dict]:
+    federation = state.name
     aggregator = Aggregator(bundle, BrokerSettings(port=broker.port), AggregatorOptions(
-        federation=FEDERATION, rounds=1, state_dir=state, clients_per_round=clients, min_clients=clients,
+        federation=federation, rounds=1, state_dir=state, clients_per_round=clients, min_clients=clients,
         round_timeout=600))
     thread = threading.Thread(target=aggregator.run, daemon=True)
     thread.start()
-    result = publisher_result(run_publisher(bundle, broker.port, "aggregator", clients, rank))
+    result = publisher_result(run_publisher(bundle, broker.port, federation, "aggregator", clients, rank))
     thread.join(600)
     accepted = [p.stat().st_mtime for p in (state / "rounds" / "0001" / "updates").glob("*.fpa")]
     if len(accepted) != clients:

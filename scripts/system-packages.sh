@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests and examples use, when missing:
-# mosquitto (the real MQTT broker the tests start) and dataset-fashion-mnist (real image data).
+# mosquitto (the real MQTT broker the tests start), openssl (test TLS certificates) and
+# dataset-fashion-mnist (real image data).
 # Needs root or password-less sudo; elsewhere it says what to install and continues.
 set -euo pipefail
 
-packages=(mosquitto dataset-fashion-mnist)
+packages=(mosquitto openssl dataset-fashion-mnist)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
