@@ -18,7 +18,7 @@ class EmbeddedBroker:
     """amqtt on a daemon thread with its own event loop, bound to loopback (not 0.0.0.0) by default."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host, self.port = host, port or _free_port(host)
+        self.host, self.port = host, port or free_port(host)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="embedded-mqtt-broker", daemon=True)
         self._broker = None
@@ -59,7 +59,8 @@ class EmbeddedBroker:
         self.stop()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from edge_sdk.data import Example
 from edge_sdk.encoders import encoder_for
+from edge_sdk.files import write_atomic
 from edge_sdk.manifest import Manifest, bundle_id, read_manifest
 from edge_sdk.ort_training import ort
 
@@ -89,11 +90,7 @@ class ProbeCache:
 
     def put(self, key: str, probe: TierProbe) -> None:
         entries = {**self._read(), key: asdict(probe)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".tier-probes.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(entries, handle, indent=1, sort_keys=True)
-        os.replace(temp, self.path)
+        write_atomic(self.path, json.dumps(entries, indent=1, sort_keys=True).encode())
 
     def _read(self) -> dict:
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from aggregator.broker import free_port
 from edge_sdk.data import stratified_split
 from edge_sdk.datasets import rotten_tomatoes, shard
 from edge_sdk.manifest import BundleError, read_manifest
@@ -57,7 +57,7 @@ def main(workdir: Path, rank: int, steps: int, rounds: int, local_steps: int, re
 def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     pool, held_out = stratified_split(rotten_tomatoes(), test_fraction=0.1, seed=0)
-    port = _free_port()
+    port = free_port()
     state, logs = folder / "state", folder / "logs"
     logs.mkdir(parents=True)
     aggregator = _spawn([sys.executable, "-m", "aggregator.cli", "--bundle", str(bundle), "--broker", "embedded",
@@ -100,12 +100,6 @@ def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None
 
 def _spawn(command: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _usable(bundle: Path) -> bool:

@@ -10,13 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from aggregator.broker import free_port
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Mosquitto:
