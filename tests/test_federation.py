@@ -164,3 +164,29 @@ def test_broker_restart_mid_round_everyone_reconnects_and_the_round_completes(mi
     finish([aggregator, *clients], 600, logs)
     rounds = read_metrics(state)
     assert [r["participants"] for r in rounds] == [["dev0", "dev1", "dev2"]] * 2
+
+
+def test_restarted_clients_resume_the_open_round_and_never_upload_twice(minilm_bundle, mosquitto, tmp_path):
+    pool, _ = rotten_tomatoes_split()
+    shards = write_shards(tmp_path / "data", pool, [32, 480])
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    logs = [tmp_path / "aggregator.log", tmp_path / "client0.log", tmp_path / "client1.log"]
+    aggregator = start_aggregator(
+        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "resume", "--rounds", "1",
+        "--clients-per-round", "2", "--min-clients", "2", "--round-timeout", "300", "--epochs", "1",
+    )
+    start = lambda i: start_client(minilm_bundle, mosquitto.url, "resume", shards[i], f"dev{i}", tmp_path / "c",  # noqa: E731
+                                   logs[i + 1], cache, "--threads", "1", "--profile", "mid")
+    clients = [start(0), start(1)]
+    first = state / "rounds" / "0001" / "updates" / "dev0.fpa"
+    wait_for(first.exists, 300, "dev0's update")
+    for process in clients:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (state / "rounds" / "0001" / "updates" / "dev1.fpa").exists(), "dev1 must be killed mid-training"
+    clients = [start(0), start(1)]
+    finish([aggregator, *clients], 600, logs)
+    (record,) = read_metrics(state)
+    assert record["participants"] == ["dev0", "dev1"]
+    assert record["rejected"] == 0, record["rejected_reasons"]
+    assert "round 1 uploaded" not in logs[1].read_text().split("dev0 joined")[-1], "dev0 uploaded twice"
