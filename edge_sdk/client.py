@@ -6,7 +6,7 @@ Embed it in an app:
     client.run()            # until the federation finishes or client.stop() is called
 
 `data` is a `Dataset` or a callable round → Dataset, so the app can supply fresh local data each
-round. The client never uploads twice for a round: it records the round in its state file before
+round (round 0 is asked once, for profiling the device and choosing its tier). The client never uploads twice for a round: it records the round in its state file before
 publishing, and after a restart it resumes a round whose task is still open.
 """
 
