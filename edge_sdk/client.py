@@ -31,7 +31,8 @@ from edge_sdk.manifest import bundle_id, read_manifest
 from edge_sdk.profile import DeviceProfile, profile_device
 from edge_sdk.protocol import (
     AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, MessageError, Notice, RoundTask, Topics,
-    check_identifier, decode_adapter, decode_message, encode_adapter, encode_message, parse_chunk, split_payload,
+    UnsupportedVersionError, check_identifier, decode_adapter, decode_message, encode_adapter, encode_message,
+    parse_chunk, split_payload,
 )
 from edge_sdk.protocol.chunks import Chunk
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
@@ -235,6 +236,8 @@ class FederatedClient:
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         try:
             self._dispatch(message.topic, message.payload)
+        except UnsupportedVersionError as err:
+            self._refused = f"incompatible message on {message.topic}: {err}"
         except (MessageError, ChunkError, CodecError) as err:
             log.warning("%s: dropped a bad message on %s: %s", self.client_id, message.topic, err)
         with self._changed:
