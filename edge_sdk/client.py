@@ -6,8 +6,11 @@ Embed it in an app:
     client.run()            # until the federation finishes or client.stop() is called
 
 `data` is a `Dataset` or a callable round → Dataset, so the app can supply fresh local data each
-round (round 0 is asked once, for profiling the device and choosing its tier). The client never uploads twice for a round: it records the round in its state file before
-publishing, and after a restart it resumes a round whose task is still open.
+round (round 0 is asked once, for profiling the device and choosing its tier). `available`
+lets the app sit a round out (battery low, device in use): the device then shows as offline to
+the aggregator until that round is over. The client never uploads twice for a round: it records
+the round in its state file before publishing, and after a restart it resumes a round whose task
+is still open. Many clients in one process share opened tiers through a `TrainerPool`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from edge_sdk.protocol import (
 from edge_sdk.protocol.chunks import Chunk
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
 from edge_sdk.rank import RankChoice, RankPolicy, choose_rank
-from edge_sdk.trainer import EvalReport, Trainer
+from edge_sdk.trainer import EvalReport
+from edge_sdk.trainers import TrainerPool
 
 log = logging.getLogger("fedpeft.client")
 DataSource = Dataset | Callable[[int], Dataset]
@@ -56,6 +60,7 @@ class RoundReport:
     samples: int
     steps: int
     train_seconds: float
+    train_cpu_seconds: float
     train_loss: float
     upload_bytes: int
     evaluation: EvalReport | None
@@ -78,17 +83,21 @@ class FederatedClient:
         device: str = "cpu",
         state_dir: str | Path | None = None,
         on_progress: Callable[[int, int, float], None] | None = None,
+        available: Callable[[int], bool] | None = None,
+        trainers: TrainerPool | None = None,
     ) -> None:
         self.bundle, self.federation = Path(bundle), check_identifier(federation, "Federation id")
         self.manifest = read_manifest(self.bundle)
         self.data, self.eval_data = data, (list(eval_data) if eval_data is not None else None)
         self.preset, self.threads, self.device, self.on_progress = preset, threads, device, on_progress
+        self.available, self.trainers = available, trainers
         self.state_dir = Path(state_dir or Path.home() / ".cache" / "fedpeft" / "clients" / federation)
         self.client_id = check_identifier(client_id or self._stored_client_id(), "Client id")
         self.topics = Topics(federation)
         self.profile: DeviceProfile | None = None
         self.rank_choice: RankChoice | None = None
-        self.trainer: Trainer | None = None
+        self.rank: int | None = None
+        self._trainable: dict | None = None
         self.config: FederationConfig | None = None
         self._task: RoundTask | None = None
         self._chunks: dict[int, Chunk] = {}
@@ -121,8 +130,12 @@ class FederatedClient:
         )
         self.rank_choice = choose_rank(self.profile, RankPolicy.from_dict(config.rank_policy), config.ranks, prober)
         rank = self.rank_choice.rank
-        self.trainer = Trainer(self.bundle, rank, device=self.device, threads=self.profile.threads,
-                               head="shared" if config.head == "shared" else "local")
+        head = "shared" if config.head == "shared" else "local"
+        if self.trainers is None:
+            self.trainers = TrainerPool(self.bundle, device=self.device, head=head)
+        elif self.trainers.head != head:
+            raise ValueError(f"The federation keeps the head {config.head}; the trainer pool was made for {self.trainers.head}.")
+        self.rank = rank
         self.connection.subscribe(self.topics.global_chunks(rank))
         self._status = encode_message(ClientStatus(
             client_id=self.client_id, state="online", rank=rank, profile=self.profile.to_dict(),
@@ -134,7 +147,7 @@ class FederatedClient:
 
     def run(self, max_rounds: int | None = None) -> list[RoundReport]:
         """Take part in rounds until the federation finishes, `stop()` is called, or `max_rounds` were done."""
-        if self.trainer is None:
+        if self.rank is None:
             self.start()
         reports: list[RoundReport] = []
         try:
@@ -149,12 +162,15 @@ class FederatedClient:
 
     def run_round(self, timeout: float | None = None) -> RoundReport | None:
         """Wait for the next round that samples this device, train and upload; None when finished or stopped."""
-        if self.trainer is None:
+        if self.rank is None:
             self.start()
-        task = self._wait(self._next_task, timeout, "a round task", allow_stop=True)
-        if task is None or task.finished:
-            return None
-        return self._train_and_upload(task)
+        while True:
+            task = self._wait(self._next_task, timeout, "a round task", allow_stop=True)
+            if task is None or task.finished:
+                return None
+            if self.available is None or self.available(task.round):
+                return self._train_and_upload(task)
+            self._sit_out(task.round)
 
     def stop(self) -> None:
         """Finish gracefully: training stops between steps and `run` returns."""
@@ -184,29 +200,43 @@ class FederatedClient:
             return task
         return None
 
+    def _sit_out(self, round_number: int) -> None:
+        """Show as offline (so the round need not wait for this device) until round `round_number` is over."""
+        log.info("%s: not available for round %d", self.client_id, round_number)
+        offline = encode_message(ClientStatus(client_id=self.client_id, state="offline"))
+        self.connection.publish_all([(self.topics.status(self.client_id), offline, True)], timeout=30)
+        self._wait(lambda: True if self._task is None or self._task.round != round_number else None, None,
+                   f"the end of round {round_number}", allow_stop=True)
+        self._announce()
+
     def _train_and_upload(self, task: RoundTask) -> RoundReport:
-        assert self.trainer is not None and self.config is not None
-        rank = self.trainer.rank
+        assert self.rank is not None and self.trainers is not None and self.config is not None
+        assert self.profile is not None
+        rank = self.rank
         ref = task.global_for(rank)
+        received = None
         if ref is not None:
             payload = self._wait(lambda: self._global_payload(ref.sha256, ref.chunks), 120,
                                  f"the global adapter for r={rank}")
-            _, adapter = decode_adapter(payload, self.manifest)
-            self.trainer.set_adapter(adapter)
+            _, received = decode_adapter(payload, self.manifest)
         training = self.config.training
         examples = self._round_data(task.round)
         seed = (task.seed + zlib.crc32(self.client_id.encode())) % 2**31
-        report = self.trainer.fit(
-            examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
-            schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,
-            on_step=(lambda step, loss: self.on_progress(task.round, step, loss)) if self.on_progress else None,
-            should_stop=self._stop.is_set,
-        )
-        evaluation = self.trainer.evaluate(self.eval_data) if self.eval_data else None
-        metrics = {"train_loss": report.mean_loss, "train_seconds": report.wall_seconds}
+        with self.trainers.lease(rank, self.profile.threads) as trainer:
+            trainer.load_state(self._trainable, received)
+            report = trainer.fit(
+                examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
+                schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,
+                on_step=(lambda step, loss: self.on_progress(task.round, step, loss)) if self.on_progress else None,
+                should_stop=self._stop.is_set,
+            )
+            evaluation = trainer.evaluate(self.eval_data) if self.eval_data else None
+            adapter, self._trainable = trainer.get_adapter(), trainer.state()
+        metrics = {"train_loss": report.mean_loss, "train_seconds": report.wall_seconds,
+                   "train_cpu_seconds": report.cpu_seconds}
         if evaluation is not None:
             metrics.update(eval_accuracy=evaluation.accuracy, eval_macro_f1=evaluation.macro_f1, eval_loss=evaluation.loss)
-        payload = encode_adapter(self.trainer.get_adapter(), AdapterHeader(
+        payload = encode_adapter(adapter, AdapterHeader(
             federation=self.federation, round=task.round, client_id=self.client_id, rank=rank,
             num_samples=len(examples), dtype=self.config.dtype, metrics=metrics,
         ))
@@ -215,8 +245,8 @@ class FederatedClient:
         self.connection.publish_all([(self.topics.update(self.client_id), c, False) for c in chunks], timeout=300)
         log.info("%s: round %d uploaded (%d steps, loss %.3f, %d bytes)", self.client_id, task.round, report.steps,
                  report.mean_loss, len(payload))
-        return RoundReport(task.round, rank, len(examples), report.steps, report.wall_seconds, report.mean_loss,
-                           len(payload), evaluation)
+        return RoundReport(task.round, rank, len(examples), report.steps, report.wall_seconds, report.cpu_seconds,
+                           report.mean_loss, len(payload), evaluation)
 
     def _round_data(self, round_number: int) -> list[Example]:
         data = self.data(round_number) if callable(self.data) else self.data
@@ -253,7 +283,7 @@ class FederatedClient:
             log.warning("%s: aggregator %s: %s", self.client_id, notice.verdict, notice.reason)
             if notice.verdict == "refused":
                 self._refused = notice.reason
-        elif self.trainer is not None and topic.startswith(self.topics.global_chunks(self.trainer.rank)[:-1]) and payload:
+        elif self.rank is not None and topic.startswith(self.topics.global_chunks(self.rank)[:-1]) and payload:
             chunk = parse_chunk(payload, 1 << 30)
             self._chunks[chunk.index] = chunk
 

@@ -61,7 +61,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
         client.stop()
         client.close()
         raise SystemExit(130)
-    click.echo(f"{client.client_id}: took part in {len(reports)} rounds at tier r={client.trainer.rank if client.trainer else '-'}.")
+    click.echo(f"{client.client_id}: took part in {len(reports)} rounds at tier r={client.rank if client.rank is not None else '-'}.")
 
 
 if __name__ == "__main__":

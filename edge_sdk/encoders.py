@@ -29,14 +29,15 @@ class TextEncoder:
     average ~25 tokens.
     """
 
-    def __init__(self, bundle: str | Path, manifest: Manifest, max_length: int | None = None) -> None:
+    def __init__(self, bundle: str | Path, manifest: Manifest, max_length: int | None = None,
+                 pad_to_multiple_of: int | None = None) -> None:
         info = manifest.tokenizer
         if "file" not in info:
             raise ValueError(f"Bundle task '{manifest.task}' has no tokenizer; TextEncoder is for text tasks.")
         self.max_len = min(max_length or manifest.max_seq_len, manifest.max_seq_len)
         self.tokenizer = Tokenizer.from_file(str(Path(bundle) / info["file"]))
         self.tokenizer.enable_truncation(max_length=self.max_len)
-        self.tokenizer.enable_padding(pad_id=int(info["pad_token_id"]))
+        self.tokenizer.enable_padding(pad_id=int(info["pad_token_id"]), pad_to_multiple_of=pad_to_multiple_of)
 
     def __call__(self, batch: Sequence[Example]) -> dict[str, np.ndarray]:
         """input_ids and attention_mask (int64, batch × longest in the batch)."""
@@ -96,9 +97,11 @@ class ImageEncoder:
         return image.transpose(2, 0, 1)
 
 
-def encoder_for(bundle: str | Path, manifest: Manifest) -> TextEncoder | ImageEncoder:
-    """The encoder matching the bundle's task."""
-    return ImageEncoder(bundle, manifest) if manifest.task == "img-cls" else TextEncoder(bundle, manifest)
+def encoder_for(bundle: str | Path, manifest: Manifest, pad_to_multiple_of: int | None = None) -> TextEncoder | ImageEncoder:
+    """The encoder matching the bundle's task (`pad_to_multiple_of` applies to text)."""
+    if manifest.task == "img-cls":
+        return ImageEncoder(bundle, manifest)
+    return TextEncoder(bundle, manifest, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def _text(example: Example) -> str:

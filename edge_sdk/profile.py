@@ -28,6 +28,7 @@ from edge_sdk.manifest import Manifest, bundle_id, read_manifest
 from edge_sdk.ort_training import ort
 
 MIB = 1 << 20
+PROBE_PAD_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,14 @@ class Prober:
 
 
 def worst_case_batch(bundle: str | Path, manifest: Manifest, examples: Sequence[Example], batch_size: int) -> dict[str, np.ndarray]:
-    """The graph inputs (+ labels) of the `batch_size` longest local examples: the peak-memory batch."""
+    """The graph inputs (+ labels) of the `batch_size` longest local examples: the peak-memory batch.
+
+    Text is padded up to a multiple of 16 tokens: the estimate errs on the safe side, and devices
+    with similar data share one cached measurement instead of probing each length.
+    """
     if not examples:
         raise ValueError("Profiling needs local examples: the dataset is empty.")
-    encoder = encoder_for(bundle, manifest)
+    encoder = encoder_for(bundle, manifest, pad_to_multiple_of=PROBE_PAD_MULTIPLE)
     lengths = encoder.lengths(examples)
     order = range(len(examples)) if lengths is None else np.argsort(lengths)[::-1]
     chosen = [examples[i] for i in list(order)[:batch_size]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,13 +26,18 @@ CLASSIFICATION_TASKS = ("seq-cls", "img-cls")
 
 @dataclass(frozen=True)
 class FitReport:
-    """What one `fit` call did: steps, samples seen, wall time, losses and the process's peak RSS."""
+    """What one `fit` call did: steps, samples seen, wall and process CPU time, losses, peak RSS.
+
+    `cpu_seconds` is the whole process's CPU time during the call (all onnxruntime threads), the
+    input of an energy estimate; it includes other work the process did meanwhile.
+    """
 
     steps: int
     samples: int
     tokens: int
     padded_tokens: int
     wall_seconds: float
+    cpu_seconds: float
     losses: list[float]
     peak_rss_bytes: int
 
@@ -150,7 +155,7 @@ class Trainer:
         self.opened.module.train()
         losses: list[float] = []
         samples = tokens = padded = 0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for epoch in range(math.ceil(total / per_epoch)):
             for batch in batches(examples, batch_size, seed=seed + epoch, lengths=lengths):
                 if len(losses) == total or (should_stop is not None and should_stop()):
@@ -169,7 +174,8 @@ class Trainer:
                     on_step(len(losses), losses[-1])
         return FitReport(
             steps=len(losses), samples=samples, tokens=tokens, padded_tokens=padded,
-            wall_seconds=time.perf_counter() - start, losses=losses, peak_rss_bytes=peak_rss_bytes(),
+            wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, losses=losses,
+            peak_rss_bytes=peak_rss_bytes(),
         )
 
     def evaluate(self, data: Dataset, batch_size: int = 64) -> EvalReport:
@@ -202,16 +208,29 @@ class Trainer:
         The AdamW moments describe the old factors: after the server's SVD re-factorization A and
         B are a new basis, so stale moments would push in meaningless directions. onnxruntime 1.19
         keeps optimizer state in the checkpoint state and a new Optimizer reloads it, so a fresh
-        optimizer needs the tier reopened (~1 s for MiniLM); the old session is freed first so
+        optimizer needs the tier reopened (~0.2 s for MiniLM); the old session is freed first so
         memory does not double. A received head is ignored when the head is kept local.
         """
-        values = adapter_to_parameters(self.manifest, adapter)
-        if self.head_mode == "local":
-            for name in adapter.head:
-                values.pop(name)
-        current = self.opened.trainable_parameters()
-        current.update(values)
-        self._reopen(current)
+        self.load_state(self.opened.trainable_parameters(), adapter)
+
+    def load_state(self, parameters: Mapping[str, np.ndarray] | None = None, adapter: Adapter | None = None) -> None:
+        """Reopen with a fresh optimizer from `parameters` (default: the bundle's initial values), `adapter` on top.
+
+        This is how one opened tier serves many simulated devices in turn: each brings its own
+        trainable state (from `state()`), so nothing leaks from the device that trained before.
+        """
+        values = dict(parameters) if parameters is not None else {}
+        if adapter is not None:
+            received = adapter_to_parameters(self.manifest, adapter)
+            if self.head_mode == "local":
+                for name in adapter.head:
+                    received.pop(name)
+            values.update(received)
+        self._reopen(values)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of every trainable parameter (LoRA factors and head), to restore with `load_state`."""
+        return self.opened.trainable_parameters()
 
     def reset_optimizer(self) -> None:
         """Start a fresh AdamW (zero moments, step 0), keeping the current parameters."""

@@ -15,6 +15,7 @@ from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
 from edge_sdk.ort_training import ort
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.trainer import Trainer, learning_rate, macro_f1
+from edge_sdk.trainers import TrainerPool
 from export.cli import main as export_cli
 
 SENTENCES = rotten_tomatoes()[:96]
@@ -42,6 +43,21 @@ def test_adapter_round_trips_into_a_fresh_trainer(minilm_bundle: Path) -> None:
     assert np.abs(_logits(fresh, SENTENCES[:8]) - _logits(trained, SENTENCES[:8])).max() > 1e-4
     fresh.set_adapter(adapter)
     np.testing.assert_allclose(_logits(fresh, SENTENCES[:8]), _logits(trained, SENTENCES[:8]), atol=1e-6)
+
+
+def test_a_shared_trainer_serves_devices_in_turn_without_leaking_state(minilm_bundle: Path) -> None:
+    pool = TrainerPool(minilm_bundle)
+    with pool.lease(2, threads=2) as trainer:
+        initial = trainer.state()
+        trainer.fit(SENTENCES[:32], epochs=1, batch_size=16)
+        first_device = trainer.state()
+    with pool.lease(2, threads=2) as trainer:
+        trainer.load_state(None)
+        assert all(np.array_equal(trainer.state()[k], v) for k, v in initial.items())
+        trainer.fit(SENTENCES[32:64], epochs=1, batch_size=16)
+        trainer.load_state(first_device)
+        assert all(np.array_equal(trainer.state()[k], v) for k, v in first_device.items())
+        assert max(np.abs(first_device[k] - initial[k]).max() for k in initial) > 1e-5
 
 
 def test_set_adapter_resets_the_optimizer_moments(minilm_bundle: Path) -> None:
