@@ -13,6 +13,7 @@ import logging
 import math
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,11 +80,13 @@ class _Round:
 class Aggregator:
     """Runs `options.rounds` rounds of a federation for the bundle at `bundle`."""
 
-    def __init__(self, bundle: str | Path, broker: BrokerSettings, options: AggregatorOptions) -> None:
+    def __init__(self, bundle: str | Path, broker: BrokerSettings, options: AggregatorOptions,
+                 on_round: Callable[[dict], None] | None = None) -> None:
+        """`on_round(record)` runs after each round is persisted, before the next opens (e.g. to evaluate)."""
         check_strategy(options.strategy)
         if options.min_clients < 1 or options.rounds < 1:
             raise ValueError("rounds and min_clients must be at least 1.")
-        self.bundle, self.options = Path(bundle), options
+        self.bundle, self.options, self.on_round = Path(bundle), options, on_round
         self.manifest = read_manifest(self.bundle)
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
@@ -190,11 +193,13 @@ class Aggregator:
                  ", ".join(task.sampled), task.deadline - time.time())
 
     def _collect(self) -> None:
-        """Handle messages until every sampled client answered, or the deadline passed with a quorum."""
+        """Handle messages until the quorum is in and no sampled client that is still online owes an update,
+        or the deadline passed with a quorum. A sampled device that went offline is a dropout at once."""
         while not self._stop and self._round is not None:
             current = self._round
             quorum = len(current.accepted) >= self.options.min_clients
-            if quorum and set(current.task.sampled) <= set(current.accepted):
+            owing = set(current.task.sampled) - set(current.accepted)
+            if quorum and not owing & set(self.online):
                 return
             if time.time() >= current.task.deadline:
                 for sender, reason in self._reassembler.expire(0).items():
@@ -243,6 +248,8 @@ class Aggregator:
                                      dropouts=record["dropouts"], rejected=current.rejected,
                                      metrics={k: v for k, v in record.items() if isinstance(v, float | int)})
         self.connection.publish(self.topics.result, encode_message(result_message), retain=True)
+        if self.on_round is not None:
+            self.on_round(record)
         log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
                  round_number, len(record["participants"]), len(record["dropouts"]), current.rejections,
                  1000 * merge_seconds, record["bytes_in"] / 1e6, record["bytes_out"] / 1e6)

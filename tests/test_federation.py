@@ -115,14 +115,14 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
         np.testing.assert_allclose(resumed.head[name], value, rtol=0, atol=1e-6)
 
 
-def test_two_vanished_clients_round_closes_at_quorum_then_one_rejoins(minilm_bundle, mosquitto, tmp_path):
+def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundle, mosquitto, tmp_path):
     pool, _ = rotten_tomatoes_split()
     shards = write_shards(tmp_path / "data", pool, [96, 96, 96, 800, 800])
     state, cache = tmp_path / "state", tmp_path / "cache"
     logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(5))]
     aggregator = start_aggregator(
         minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "vanish", "--rounds", "3",
-        "--clients-per-round", "5", "--min-clients", "3", "--min-online", "5", "--round-timeout", "25", "--steps", "12",
+        "--clients-per-round", "5", "--min-clients", "3", "--min-online", "5", "--round-timeout", "90", "--steps", "12",
     )
     start = lambda i: start_client(minilm_bundle, mosquitto.url, "vanish", shards[i], f"dev{i}", tmp_path / "c",  # noqa: E731
                                    logs[i + 1], cache, "--threads", "1", "--profile", "mid")
@@ -135,7 +135,7 @@ def test_two_vanished_clients_round_closes_at_quorum_then_one_rejoins(minilm_bun
     wait_for(lambda: len(read_metrics(state)) >= 1, 120, "round 1 to close")
     first = read_metrics(state)[0]
     assert first["participants"] == ["dev0", "dev1", "dev2"] and first["dropouts"] == ["dev3", "dev4"]
-    assert first["round_seconds"] >= 20, "the round must wait for the deadline before closing at quorum"
+    assert first["round_seconds"] < 80, "the last wills showed the killed devices offline: no wait for the deadline"
     statuses = _retained(mosquitto.url, "fedpeft/vanish/clients/+/status")
     assert statuses["fedpeft/vanish/clients/dev4/status"]["state"] == "offline"
     clients[3] = start(3)
