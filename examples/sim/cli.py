@@ -1,0 +1,124 @@
+"""`fedpeft-sim`: one simulated federation (`run`) or the whole results report (`report`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from edge_sdk.manifest import BundleError, read_manifest
+from edge_sdk.protocol import TrainingConfig
+from edge_sdk.protocol.codec import DTYPES
+from examples.sim import plots
+from examples.sim.report import FULL, QUICK, run_report
+from examples.sim.simulation import SimConfig, run_simulation
+
+
+def _alpha(_ctx, _param, value: str) -> float | None:
+    if value.lower() == "iid":
+        return None
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = -1.0
+    if alpha <= 0:
+        raise click.BadParameter("give a positive Dirichlet α or 'iid'.")
+    return alpha
+
+
+def _mix(_ctx, _param, value: str) -> dict[str, float]:
+    try:
+        return {name.strip(): float(weight) for name, weight in (part.split("=") for part in value.split(","))}
+    except ValueError:
+        raise click.BadParameter("write the mix as low=1,mid=1,high=1.") from None
+
+
+def _bundle(path: Path) -> Path:
+    """The bundle at `path`, exported first (MiniLM-L6 default) when there is none."""
+    try:
+        read_manifest(path)
+    except BundleError:
+        click.echo(f"exporting the default bundle to {path} ...")
+        subprocess.run([sys.executable, "-m", "export.cli", "--out", str(path), "--force"], check=True)
+    return path
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log every round and client.")
+def main(verbose: bool) -> None:
+    """Simulate federations of heterogeneous devices with the real SDK, aggregator and protocol."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("fedpeft.sim", "fedpeft.report"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+    logging.getLogger("transitions").setLevel(logging.ERROR)
+
+
+@main.command()
+@click.option("--bundle", default="runs/bundle", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (replaced).")
+@click.option("--strategy", default="svd-weighted", show_default=True)
+@click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--alpha", default="iid", show_default=True, callback=_alpha, help="Dirichlet α or 'iid'.")
+@click.option("--size-skew", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="σ of log-normal client sizes (0: equal).")
+@click.option("--tiers", default="low=1,mid=1,high=1", show_default=True, callback=_mix, help="Device preset mix.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
+@click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Central test reviews scored per round (the whole split after the last).")
+@click.option("--local-eval-every", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training reviews.")
+@click.option("--broker", default=None, help="mqtt://host:port of a running broker [default: embedded].")
+@click.option("--plot/--no-plot", default=True, show_default=True)
+def run(bundle: Path, out: Path, strategy: str, clients: int, fraction: float, rounds: int, alpha: float | None,
+        size_skew: float, tiers: dict[str, float], dropout: float, seed: int, epochs: int, batch_size: int,
+        lr: float, dtype: str, eval_samples: int, local_eval_every: int, pool_limit: int | None,
+        broker: str | None, plot: bool) -> None:
+    """Run one federation on Rotten Tomatoes; metrics per round in OUT/metrics.jsonl."""
+    config = SimConfig(
+        bundle=_bundle(bundle), out=out, strategy=strategy, clients=clients, fraction=fraction, rounds=rounds,
+        alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
+        training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant"), dtype=dtype,
+        eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
+    )
+    summary = run_simulation(config)
+    if plot:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary["plots"] = [str(plots.accuracy_per_round({strategy: rows}, strategy, out / "accuracy.png")),
+                            str(plots.accuracy_per_byte({strategy: rows}, strategy, out / "bytes.png"))]
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+@main.command()
+@click.option("--bundle", default="runs/bundle", show_default=True, type=click.Path(path_type=Path))
+@click.option("--work", default="runs/report", show_default=True, type=click.Path(path_type=Path),
+              help="Where the runs are kept.")
+@click.option("--docs", default=None, type=click.Path(path_type=Path),
+              help="Report file [default: docs/results.md, or WORK/results.md with --quick].")
+@click.option("--quick", is_flag=True, help="A few-minute version of the grid (small pool, few rounds).")
+@click.option("--fresh", is_flag=True, help="Rerun every experiment instead of reusing finished ones.")
+@click.option("--render-only", is_flag=True, help="Write the report from the finished runs; train nothing.")
+def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool, render_only: bool) -> None:
+    """Run the experiment grid and write the results report with its figures."""
+    plan = QUICK if quick else FULL
+    work = work / "quick" if quick else work
+    docs = docs or (work / "results.md" if quick else Path("docs/results.md"))
+    path = run_report(plan, bundle if render_only else _bundle(bundle), work, docs, resume=not fresh,
+                      run=not render_only)
+    click.echo(f"report written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The report's figures (matplotlib, PNG): accuracy per round, accuracy vs bytes, accuracy by tier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def accuracy_per_round(runs: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """Central accuracy vs round, one line per labelled run."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, rows in runs.items():
+        axes.plot([r["round"] for r in rows], [r["central_accuracy"] for r in rows], marker="o", ms=3, label=label)
+    axes.set(xlabel="round", ylabel="central test accuracy", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def accuracy_per_byte(runs: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """Central accuracy vs cumulative uploaded bytes (log x), one line per labelled run."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, rows in runs.items():
+        sent, total = [], 0
+        for r in rows:
+            total += r["bytes_up"]
+            sent.append(total)
+        axes.plot(sent, [r["central_accuracy"] for r in rows], marker="o", ms=3, label=label)
+    axes.set(xscale="log", xlabel="cumulative upload bytes (all clients)", ylabel="central test accuracy", title=title)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def accuracy_by_tier(summaries: dict[str, dict], path: Path) -> Path:
+    """Final local-test accuracy per device tier, grouped bars per labelled run."""
+    tiers = ("low", "mid", "high")
+    figure, axes = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(summaries))
+    for i, (label, summary) in enumerate(summaries.items()):
+        values = [summary["local_accuracy_by_tier"].get(t, 0.0) for t in tiers]
+        axes.bar([k + i * width for k in range(len(tiers))], values, width, label=label)
+    axes.set_xticks([k + width * (len(summaries) - 1) / 2 for k in range(len(tiers))], tiers)
+    axes.set(ylabel="mean local test accuracy", title="Accuracy by device tier (final global at each tier)")
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,345 @@
+"""One simulated federation on one machine, with every real piece in the loop.
+
+The aggregator service, the edge SDK's `FederatedClient`s (each profiles its simulated device
+and chooses its tier through the SDK), the onnxruntime trainer and the MQTT protocol over a
+real broker all run as in deployment; only the devices share one process and take turns on
+opened tiers (`TrainerPool`). Each round, the global adapter is evaluated on the central test
+split; every `local_eval_every` rounds and at the end also on each client's own test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.broker import EmbeddedBroker
+from aggregator.service import Aggregator, AggregatorOptions
+from aggregator.state import StateDir
+from edge_sdk.client import FederatedClient
+from edge_sdk.data import Example, stratified_split
+from edge_sdk.datasets import rotten_tomatoes
+from edge_sdk.manifest import read_manifest
+from edge_sdk.profile import PRESETS
+from edge_sdk.protocol import TrainingConfig, decode_adapter
+from edge_sdk.protocol.transport import BrokerSettings
+from edge_sdk.rank import RankPolicy
+from edge_sdk.trainer import Trainer
+from edge_sdk.trainers import TrainerPool
+from examples.sim.partition import histograms, partition
+
+log = logging.getLogger("fedpeft.sim")
+
+# Energy estimate: E = CPU seconds on this host ÷ the preset's compute factor (the device is that
+# much slower) × the power of one busy core of such a device. Assumed figures, not measurements:
+# a Cortex-A53/A55 phone efficiency core ~1 W, a Cortex-A76-class core ~2 W, a laptop x86 core ~6 W.
+CORE_WATTS = {"low": 1.0, "mid": 2.0, "high": 6.0}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What one simulated federation runs; `alpha` None is an IID split."""
+
+    bundle: Path
+    out: Path
+    strategy: str = "svd-weighted"
+    clients: int = 100
+    fraction: float = 0.1
+    rounds: int = 20
+    alpha: float | None = None
+    size_skew: float = 0.0
+    tier_mix: dict[str, float] = field(default_factory=lambda: {"low": 1 / 3, "mid": 1 / 3, "high": 1 / 3})
+    dropout: float = 0.0
+    seed: int = 0
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=1, lr=2e-3, schedule="constant"))
+    dtype: str = "float32"
+    local_test_fraction: float = 0.2
+    pool_limit: int | None = None
+    eval_samples: int | None = 1000
+    local_eval_every: int = 5
+    broker_url: str | None = None
+    rank_policy: RankPolicy | None = None
+    round_timeout: float = 900.0
+
+
+@dataclass
+class SimClient:
+    """A simulated device: its preset, its local train/test data and, once joined, its tier."""
+
+    client_id: str
+    preset: str
+    train: list[Example]
+    test: list[Example]
+    rank: int | None = None
+
+
+def split_clients(config: SimConfig, pool: list[Example]) -> tuple[list[SimClient], dict]:
+    """Partition the pool, split each share into local train/test, and assign device presets by the mix."""
+    labels = [e.label for e in pool]
+    parts = partition(labels, config.clients, config.alpha, config.seed, config.size_skew, min_size=4)
+    rng = np.random.default_rng([config.seed, 1])
+    presets = assign_presets(config.tier_mix, config.clients, rng)
+    clients = []
+    for k, (part, preset) in enumerate(zip(parts, presets)):
+        order = rng.permutation(part)
+        held = max(1, round(config.local_test_fraction * len(order)))
+        clients.append(SimClient(f"c{k:03d}", preset, [pool[i] for i in order[held:]], [pool[i] for i in order[:held]]))
+    record = {
+        "alpha": config.alpha, "size_skew": config.size_skew, "seed": config.seed,
+        "clients": {c.client_id: {"preset": c.preset, "train": len(c.train), "test": len(c.test),
+                                  "labels": h} for c, h in zip(clients, histograms(labels, parts, 2))},
+    }
+    return clients, record
+
+
+def assign_presets(mix: dict[str, float], count: int, rng: np.random.Generator) -> list[str]:
+    """`count` preset names in the proportions of `mix` (largest remainders), in a seeded order."""
+    unknown = set(mix) - set(PRESETS)
+    if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"Tier mix must give non-negative weights to presets {sorted(PRESETS)}, got {mix}.")
+    names = sorted(mix)
+    quotas = np.array([mix[n] for n in names]) / sum(mix.values()) * count
+    counts = np.floor(quotas).astype(int)
+    for i in np.argsort(counts - quotas)[: count - counts.sum()]:
+        counts[i] += 1
+    return rng.permutation([n for n, c in zip(names, counts) for _ in range(c)]).tolist()
+
+
+class Evaluator:
+    """Evaluates each round's global adapter (called by the aggregator before the next round opens)."""
+
+    def __init__(self, config: SimConfig, pool: TrainerPool, central: list[Example], final: list[Example],
+                 clients: list[SimClient], metrics: Path) -> None:
+        self.config, self.pool, self.central, self.final, self.clients = config, pool, central, final, clients
+        self.manifest = read_manifest(config.bundle)
+        self.store = StateDir(config.out / "state")
+        self.metrics = metrics
+        self.rows: list[dict] = []
+
+    def baseline(self) -> None:
+        """Round 0: the bundle's untrained adapter at the top tier, the point every run starts from."""
+        top = max(self.manifest.ranks)
+        with self.pool.lease(top) as trainer:
+            trainer.load_state(None)
+            central = trainer.evaluate(self.central)
+        self._append({"round": 0, "strategy": self.config.strategy, "central_accuracy": central.accuracy,
+                      "central_macro_f1": central.macro_f1, "central_samples": central.samples, "eval_rank": top,
+                      "bytes_up": 0, "bytes_down": 0, "full_fedavg_bytes": 0, "energy_joules": 0.0})
+
+    def __call__(self, record: dict) -> None:
+        round_number = record["round"]
+        last = round_number == self.config.rounds
+        globals_ = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number).items()}
+        top = max(globals_)
+        started = time.perf_counter()
+        with self.pool.lease(top) as trainer:
+            trainer.load_state(None, globals_[top])
+            central = trainer.evaluate(self.final if last else self.central)
+        row = {
+            "round": round_number, "strategy": self.config.strategy, "central_accuracy": central.accuracy,
+            "central_macro_f1": central.macro_f1, "central_samples": central.samples, "eval_rank": top,
+            **self._traffic(record), **self._clients(round_number),
+        }
+        if last or round_number % self.config.local_eval_every == 0:
+            row.update(self._local(globals_))
+        row["eval_seconds"] = round(time.perf_counter() - started, 3)
+        self._append(row)
+        log.info("round %d: central accuracy %.3f (r=%d, %d samples), up %.2f MB", round_number, central.accuracy,
+                 top, central.samples, row["bytes_up"] / 1e6)
+
+    def _append(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.metrics, "a") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def _traffic(self, record: dict) -> dict:
+        return {
+            "participants": len(record["participants"]), "dropouts": len(record["dropouts"]),
+            "ranks": sorted(record["ranks"].values()), "bytes_up": record["bytes_accepted"],
+            "bytes_down": record["bytes_out"], "full_fedavg_bytes": record["full_fedavg_bytes"],
+            "round_seconds": record["round_seconds"], "merge_seconds": record["merge_seconds"],
+        }
+
+    def _clients(self, round_number: int) -> dict:
+        """Client training time and the energy estimate, from the metrics in the real uploaded payloads."""
+        presets = {c.client_id: c.preset for c in self.clients}
+        train, energy = [], 0.0
+        for payload in self.store.updates(round_number).values():
+            header, _ = decode_adapter(payload, self.manifest)
+            preset = presets[header.client_id]
+            train.append(header.metrics["train_seconds"])
+            energy += header.metrics["train_cpu_seconds"] / PRESETS[preset].compute_factor * CORE_WATTS[preset]
+        return {"client_train_seconds_mean": float(np.mean(train)), "client_train_seconds_max": float(np.max(train)),
+                "energy_joules": round(energy, 2)}
+
+    def _local(self, globals_: dict) -> dict:
+        """Each client's accuracy on its own test split with the global at its tier; by tier and by rank."""
+        accuracy: dict[str, float] = {}
+        by_rank: dict[int, float] = {}
+        for rank in sorted({c.rank for c in self.clients} | set(globals_)):
+            with self.pool.lease(rank) as trainer:
+                trainer.load_state(None, globals_[rank])
+                by_rank[rank] = trainer.evaluate(self.central).accuracy
+                for c in self.clients:
+                    if c.rank == rank:
+                        accuracy[c.client_id] = trainer.evaluate(c.test).accuracy
+        tiers: dict[str, list[float]] = defaultdict(list)
+        for c in self.clients:
+            tiers[c.preset].append(accuracy[c.client_id])
+        values = np.array(list(accuracy.values()))
+        return {
+            "local_accuracy_mean": float(values.mean()), "local_accuracy_worst": float(values.min()),
+            "local_accuracy_p10": float(np.percentile(values, 10)),
+            "local_accuracy_by_tier": {t: float(np.mean(v)) for t, v in sorted(tiers.items())},
+            "central_accuracy_by_rank": {str(r): a for r, a in by_rank.items()},
+        }
+
+
+def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
+    """Run the federation of `config`; writes metrics.jsonl, partition.json and summary.json under `config.out`."""
+    if config.out.exists():
+        shutil.rmtree(config.out)
+    config.out.mkdir(parents=True)
+    started = time.perf_counter()
+    data, central_test = stratified_split(rotten_tomatoes(), test_fraction=0.2, seed=0)
+    if config.pool_limit is not None:
+        data = _subset(data, config.pool_limit)
+    clients, split = split_clients(config, data)
+    (config.out / "partition.json").write_text(json.dumps(split, indent=1))
+    subset = central_test if config.eval_samples is None else _subset(central_test, config.eval_samples)
+    pool = pool or TrainerPool(config.bundle)
+    evaluator = Evaluator(config, pool, subset, central_test, clients, config.out / "metrics.jsonl")
+    evaluator.baseline()
+    broker = None if config.broker_url else EmbeddedBroker().start()
+    settings = broker.settings if broker else BrokerSettings.from_url(config.broker_url)
+    federation = f"sim{config.seed}-{zlib.crc32(str(config.out).encode()):08x}"
+    options = AggregatorOptions(
+        federation=federation, rounds=config.rounds, state_dir=config.out / "state", fraction=config.fraction,
+        min_online=config.clients, round_timeout=config.round_timeout, strategy=config.strategy, seed=config.seed,
+        training=config.training, rank_policy=config.rank_policy or default_policy(bundle_ranks(config), clients),
+        dtype=config.dtype,
+    )
+    aggregator = Aggregator(config.bundle, settings, options, on_round=evaluator)
+    failures: list[BaseException] = []
+    threads = [threading.Thread(target=_guard(aggregator.run, failures), name="aggregator", daemon=True)]
+    threads[0].start()
+    devices = []
+    try:
+        for c in clients:
+            device = FederatedClient(
+                config.bundle, settings, federation, c.train, client_id=c.client_id, preset=c.preset,
+                state_dir=config.out / "clients", trainers=pool, available=_availability(config, c.client_id),
+            )
+            device.start()
+            c.rank = device.rank
+            devices.append(device)
+        log.info("%d clients joined; tiers %s", len(devices), dict(sorted(_count(c.rank for c in clients).items())))
+        for device in devices:
+            threads.append(threading.Thread(target=_guard(device.run, failures), name=device.client_id, daemon=True))
+            threads[-1].start()
+        threads[0].join()
+        for thread in threads[1:]:
+            thread.join(timeout=60)
+    finally:
+        aggregator.stop()
+        for device in devices:
+            device.stop()
+        threads[0].join(timeout=30)
+        for device in devices:
+            device.close()
+        if broker:
+            broker.stop()
+    if failures:
+        raise RuntimeError(f"the simulation failed: {failures[0]!r}") from failures[0]
+    summary = summarize(config, evaluator.rows, clients, time.perf_counter() - started)
+    (config.out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def bundle_ranks(config: SimConfig) -> list[int]:
+    return read_manifest(config.bundle).ranks
+
+
+def default_policy(ranks: list[int], clients: list[SimClient]) -> RankPolicy:
+    """Equal λ's over M, C, D; M_max 4 GiB (the high preset), C_max 3 steps/s, D_max the mean local size.
+
+    D_max relative to the clients' data keeps the data term informative at any scale of the run;
+    with these normalizers the presets spread over the tiers 2–16 on a 2-core x86 host.
+    """
+    mean = float(np.mean([len(c.train) for c in clients]))
+    return RankPolicy.balanced(max(ranks), 4 * 2**30, 3.0, max(1.0, mean))
+
+
+def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], seconds: float) -> dict:
+    """The run's headline figures: final accuracies, tier ratio, bytes and their ratio to full FedAvg."""
+    last, rounds = rows[-1], [r for r in rows if r["round"] > 0]
+    by_tier = last["local_accuracy_by_tier"]
+    up = sum(r["bytes_up"] for r in rows)
+    full = sum(r["full_fedavg_bytes"] for r in rows)
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
+                   if k not in ("rank_policy",)},
+        "rounds": len(rounds), "initial_accuracy": rows[0]["central_accuracy"] if rows[0]["round"] == 0 else None,
+        "final_accuracy": last["central_accuracy"], "final_macro_f1": last["central_macro_f1"],
+        "accuracy_last3": float(np.mean([r["central_accuracy"] for r in rounds[-3:]])),
+        "worst_client_accuracy": last["local_accuracy_worst"], "local_accuracy_mean": last["local_accuracy_mean"],
+        "low_high_ratio": by_tier["low"] / by_tier["high"] if by_tier.get("low") and by_tier.get("high") else None,
+        "central_accuracy_by_rank": last["central_accuracy_by_rank"], "local_accuracy_by_tier": by_tier,
+        "bytes_up": up, "bytes_down": sum(r["bytes_down"] for r in rows), "full_fedavg_bytes": full,
+        "up_ratio_to_full_fedavg": up / full, "bytes_up_per_round": up / len(rounds),
+        "energy_joules": sum(r["energy_joules"] for r in rows),
+        "ranks": dict(sorted(_count(c.rank for c in clients).items())), "wall_seconds": round(seconds, 1),
+    }
+
+
+def _subset(examples: list[Example], count: int) -> list[Example]:
+    """A fixed stratified subset (the same for every run), for the cheaper per-round evaluation."""
+    if count >= len(examples):
+        return examples
+    return stratified_split(examples, test_fraction=count / len(examples), seed=1)[1]
+
+
+def _availability(config: SimConfig, client_id: str):
+    """Seeded per (run, client, round): whether the device takes part when sampled."""
+    if config.dropout <= 0:
+        return None
+    return lambda round_number: np.random.default_rng(
+        [config.seed, zlib.crc32(client_id.encode()), round_number]).random() >= config.dropout
+
+
+def _guard(target, failures: list[BaseException]):
+    def run() -> None:
+        try:
+            target()
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            log.exception("%s failed", threading.current_thread().name)
+            failures.append(err)
+    return run
+
+
+def _count(values) -> dict:
+    counts: dict = defaultdict(int)
+    for v in values:
+        counts[v] += 1
+    return dict(counts)
+
+
+def centralized(bundle: Path, rank: int, epochs: int, lr: float, batch_size: int = 16, seed: int = 0,
+                limit: int | None = None) -> dict:
+    """The ceiling: one device training tier `rank` on the pooled training data (same split as the runs)."""
+    data, central_test = stratified_split(rotten_tomatoes(), test_fraction=0.2, seed=0)
+    if limit is not None:
+        data = _subset(data, limit)
+    trainer = Trainer(bundle, rank)
+    fit = trainer.fit(data, epochs=epochs, batch_size=batch_size, lr=lr, schedule="linear", seed=seed)
+    result = trainer.evaluate(central_test)
+    return {"rank": rank, "epochs": epochs, "lr": lr, "accuracy": result.accuracy, "macro_f1": result.macro_f1,
+            "train_seconds": round(fit.wall_seconds, 1), "samples": len(data)}

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (idempotently) and regenerate docs/results.md; --quick for the few-minute variant.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec .venv/bin/python -m examples.sim.cli -v report "$@"
