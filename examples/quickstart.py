@@ -23,6 +23,7 @@ from edge_sdk.datasets import rotten_tomatoes, shard
 from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import decode_adapter
 from edge_sdk.trainer import Trainer
+from examples.sim import plots
 
 DEVICES = ("low", "mid", "high")
 
@@ -75,27 +76,47 @@ def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None
                                f"mqtt://127.0.0.1:{port}", "--federation", "demo", "--data", str(data),
                                "--client-id", f"{preset}-device", "--profile", preset, "--state-dir",
                                str(folder / "devices")], logs / f"{preset}-device.log"))
+    metrics = state / "metrics.jsonl"
+    shown = 0
+    while aggregator.poll() is None:
+        shown = _progress(metrics, shown, rounds)
+        if any(p.poll() not in (None, 0) for p in devices):
+            aggregator.terminate()
+        time.sleep(1)
+    _progress(metrics, shown, rounds)
     for process in [aggregator, *devices]:
         if process.wait() != 0:
             raise click.ClickException(f"{process.args[2]} failed; see the logs in {logs}.")
-    click.echo(f"{'round':>5} {'devices (tier)':<34} {'upload KB':>10} {'vs full FedAvg':>15} {'merge ms':>9}")
-    for line in (state / "metrics.jsonl").read_text().splitlines():
+    manifest = read_manifest(bundle)
+    top = max(manifest.ranks)
+    trainer, test = Trainer(bundle, top), held_out[:600]
+    rows = [{"round": 0, "central_accuracy": trainer.evaluate(test).accuracy, "bytes_up": 0}]
+    click.echo(f"{'round':>5} {'devices (tier)':<34} {'upload KB':>10} {'vs full FedAvg':>15} {f'accuracy r={top}':>14}")
+    click.echo(f"{0:>5} {'untrained adapter':<34} {'':>10} {'':>15} {rows[0]['central_accuracy']:>14.3f}")
+    for line in metrics.read_text().splitlines():
         record = json.loads(line)
+        global_file = state / "rounds" / f"{record['round']:04d}" / f"global-r{top}.fpa"
+        trainer.load_state(None, decode_adapter(global_file.read_bytes(), manifest)[1])
+        rows.append({"round": record["round"], "central_accuracy": trainer.evaluate(test).accuracy,
+                     "bytes_up": record["bytes_accepted"]})
         tiers = ", ".join(f"{c.split('-')[0]} r={r}" for c, r in sorted(record["ranks"].items()))
         click.echo(f"{record['round']:>5} {tiers:<34} {record['bytes_accepted'] / 1e3:>10.0f} "
                    f"{record['bytes_accepted'] / record['full_fedavg_bytes']:>14.3%} "
-                   f"{1000 * record['merge_seconds']:>9.0f}")
-    manifest = read_manifest(bundle)
-    top = max(manifest.ranks)
-    trainer = Trainer(bundle, top)
-    test = held_out[:600]
-    before = trainer.evaluate(test)
-    trainer.set_adapter(decode_adapter((state / "rounds" / f"{rounds:04d}" / f"global-r{top}.fpa").read_bytes(),
-                                       manifest)[1])
-    after = trainer.evaluate(test)
-    click.echo(f"Global adapter (r={top}) on {after.samples} held-out reviews: accuracy {before.accuracy:.3f} "
-               f"untrained → {after.accuracy:.3f} federated (macro-F1 {after.macro_f1:.3f}).")
+                   f"{rows[-1]['central_accuracy']:>14.3f}")
+    click.echo(f"Accuracy on {len(test)} held-out reviews. Plots: "
+               f"{plots.accuracy_per_round({'svd-weighted': rows}, 'Demo federation', folder / 'accuracy.png')}, "
+               f"{plots.accuracy_per_byte({'svd-weighted': rows[1:]}, 'Demo federation', folder / 'bytes.png')}")
     click.echo(f"Hugging Face peft folder of the last round: {state / 'rounds' / f'{rounds:04d}' / 'peft'}")
+
+
+def _progress(metrics: Path, shown: int, rounds: int) -> int:
+    """Print the rounds that closed since the last call; returns how many are shown."""
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    for line in lines[shown:]:
+        record = json.loads(line)
+        click.echo(f"  round {record['round']}/{rounds} closed: {len(record['participants'])} devices, "
+                   f"{record['bytes_accepted'] / 1e3:.0f} KB up, merge {1000 * record['merge_seconds']:.0f} ms")
+    return len(lines)
 
 
 def _spawn(command: list[str], log: Path) -> subprocess.Popen:
