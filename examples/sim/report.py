@@ -47,7 +47,7 @@ class Plan:
 
 TRAINING = TrainingConfig(epochs=1, batch_size=16, lr=2e-3, schedule="constant")
 FULL = Plan(clients=100, fraction=0.1, rounds=10, eval_samples=500, pool_limit=None,
-            strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora", "ffa-lora"),
+            strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora"),
             partitions=("alpha0.1", "alpha1.0", "iid"), seeds=(0, 1, 2), dtypes=("float16", "int8"),
             centralized_epochs=1, training=TRAINING)
 QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=2000,
@@ -172,8 +172,9 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "accuracy is not measured (the protocol carries adapters only).",
         "- FeDeRA (SVD-initialized LoRA) and FLoRA (folds updates into the frozen base, which the devices "
         "cannot change): not run.",
-        "- ffa-lora here averages B while A trains on the devices too: the bundle does not freeze A yet, so "
-        "this row is not the FFA-LoRA of the paper.",
+        "- ffa-lora: not run. It needs every device to hold the same frozen A (tier r = the first r rows of one "
+        "shared A); the exported bundles train A, so the strategy would rightly reject all but one update per "
+        "round. An export option that freezes A is the missing piece.",
         "",
     ]
     docs.parent.mkdir(parents=True, exist_ok=True)
