@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.trainers import TrainerPool
 from examples.sim import plots
-from examples.sim.simulation import SimConfig, centralized, run_simulation
+from examples.sim.simulation import SimConfig, centralized, config_record, run_simulation
 
 log = logging.getLogger("fedpeft.report")
 PARTITIONS: dict[str, float | None] = {"alpha0.1": 0.1, "alpha1.0": 1.0, "iid": None}
@@ -105,11 +106,7 @@ def _finished(config: SimConfig) -> bool:
     if not summary.exists():
         return False
     recorded = json.loads(summary.read_text())["config"]
-    return recorded == json.loads(json.dumps(_config_dict(config)))
-
-
-def _config_dict(config: SimConfig) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "rank_policy"}
+    return recorded == json.loads(json.dumps(config_record(config)))
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -283,7 +280,6 @@ def _command(plan: Plan) -> str:
 
 
 def _cores() -> int:
-    import os
     return os.cpu_count() or 1
 
 

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -241,7 +241,7 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
             device.start()
             c.rank = device.rank
             devices.append(device)
-        log.info("%d clients joined; tiers %s", len(devices), dict(sorted(_count(c.rank for c in clients).items())))
+        log.info("%d clients joined; tiers %s", len(devices), dict(sorted(Counter(c.rank for c in clients).items())))
         for device in devices:
             threads.append(threading.Thread(target=_guard(device.run, failures), name=device.client_id, daemon=True))
             threads[-1].start()
@@ -285,8 +285,7 @@ def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], sec
     up = sum(r["bytes_up"] for r in rows)
     full = sum(r["full_fedavg_bytes"] for r in rows)
     return {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                   if k not in ("rank_policy",)},
+        "config": config_record(config),
         "rounds": len(rounds), "initial_accuracy": rows[0]["central_accuracy"] if rows[0]["round"] == 0 else None,
         "final_accuracy": last["central_accuracy"], "final_macro_f1": last["central_macro_f1"],
         "accuracy_last3": float(np.mean([r["central_accuracy"] for r in rounds[-3:]])),
@@ -296,8 +295,13 @@ def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], sec
         "bytes_up": up, "bytes_down": sum(r["bytes_down"] for r in rows), "full_fedavg_bytes": full,
         "up_ratio_to_full_fedavg": up / full, "bytes_up_per_round": up / len(rounds),
         "energy_joules": sum(r["energy_joules"] for r in rows),
-        "ranks": dict(sorted(_count(c.rank for c in clients).items())), "wall_seconds": round(seconds, 1),
+        "ranks": dict(sorted(Counter(c.rank for c in clients).items())), "wall_seconds": round(seconds, 1),
     }
+
+
+def config_record(config: SimConfig) -> dict:
+    """The run's config as JSON-ready data (the rank policy is derived, so it is left out)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "rank_policy"}
 
 
 def _subset(examples: list[Example], count: int) -> list[Example]:
@@ -323,13 +327,6 @@ def _guard(target, failures: list[BaseException]):
             log.exception("%s failed", threading.current_thread().name)
             failures.append(err)
     return run
-
-
-def _count(values) -> dict:
-    counts: dict = defaultdict(int)
-    for v in values:
-        counts[v] += 1
-    return dict(counts)
 
 
 def centralized(bundle: Path, rank: int, epochs: int, lr: float, batch_size: int = 16, seed: int = 0,
