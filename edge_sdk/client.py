@@ -134,7 +134,8 @@ class FederatedClient:
         if self.trainers is None:
             self.trainers = TrainerPool(self.bundle, device=self.device, head=head)
         elif self.trainers.head != head:
-            raise ValueError(f"The federation keeps the head {config.head}; the trainer pool was made for {self.trainers.head}.")
+            raise ValueError(f"The federation keeps the head {config.head}; "
+                             f"the trainer pool was made for head={self.trainers.head}.")
         self.rank = rank
         self.connection.subscribe(self.topics.global_chunks(rank))
         self._status = encode_message(ClientStatus(
