@@ -137,7 +137,6 @@ class FederatedClient:
             raise ValueError(f"The federation keeps the head {config.head}; "
                              f"the trainer pool was made for head={self.trainers.head}.")
         self.rank = rank
-        self.connection.subscribe(self.topics.global_chunks(rank))
         self._status = encode_message(ClientStatus(
             client_id=self.client_id, state="online", rank=rank, profile=self.profile.to_dict(),
             rank_choice=self.rank_choice.to_dict(),
@@ -217,9 +216,7 @@ class FederatedClient:
         ref = task.global_for(rank)
         received = None
         if ref is not None:
-            payload = self._wait(lambda: self._global_payload(ref.sha256, ref.chunks), 120,
-                                 f"the global adapter for r={rank}")
-            _, received = decode_adapter(payload, self.manifest)
+            _, received = decode_adapter(self._download(ref.sha256, ref.chunks), self.manifest)
         training = self.config.training
         examples = self._round_data(task.round)
         seed = (task.seed + zlib.crc32(self.client_id.encode())) % 2**31
@@ -255,6 +252,18 @@ class FederatedClient:
         if not examples:
             raise ValueError(f"{self.client_id}: the data source gave no examples for round {round_number}.")
         return examples
+
+    def _download(self, sha256: str, count: int) -> bytes:
+        """The round's global adapter for this tier: subscribed only while needed, so a device
+        that is not sampled downloads nothing (the chunks are retained, so they arrive on subscribe)."""
+        assert self.rank is not None
+        topic = self.topics.global_chunks(self.rank)
+        self.connection.subscribe(topic)
+        try:
+            return self._wait(lambda: self._global_payload(sha256, count), 120, f"the global adapter for r={self.rank}")
+        finally:
+            self.connection.unsubscribe(topic)
+            self._chunks.clear()
 
     def _global_payload(self, sha256: str, count: int) -> bytes | None:
         parts = [self._chunks.get(i) for i in range(count)]

@@ -152,6 +152,13 @@ class MqttConnection:
         if self.connected:
             self._client.subscribe(topic, qos=QOS)
 
+    def unsubscribe(self, topic: str) -> None:
+        """Stop receiving `topic`, now and after reconnects."""
+        if topic in self._subscriptions:
+            self._subscriptions.remove(topic)
+        if self.connected:
+            self._client.unsubscribe(topic)
+
     def ack(self, message: mqtt.MQTTMessage) -> None:
         """Acknowledge a message received with `manual_ack=True`."""
         self._client.ack(message.mid, message.qos)
