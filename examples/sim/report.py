@@ -54,7 +54,7 @@ FULL = Plan(clients=100, fraction=0.1, rounds=10, eval_samples=500, pool_limit=N
 QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=2000,
              strategies=("svd-weighted", "fedavg-naive"), partitions=("alpha0.1", "iid"), seeds=(0,),
              dtypes=("int8",), centralized_epochs=1,
-             training=TrainingConfig(epochs=2, batch_size=16, lr=2e-3, schedule="constant"))
+             training=TrainingConfig(steps=25, batch_size=16, lr=2e-3, schedule="constant"))
 
 
 def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
@@ -136,7 +136,7 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         f"- {plan.clients} clients, {plan.fraction:.0%} sampled per round, {plan.rounds} rounds, dropout "
         f"probability {plan.dropout} per sampled client, sample-count skew (log-normal σ={plan.size_skew}); each "
         "client keeps 20% of its share as a local test split.",
-        f"- Local training per round: {plan.training.epochs} epoch(s), batch {plan.training.batch_size}, "
+        f"- Local training per round: {_local_work(plan.training)}, batch {plan.training.batch_size}, "
         f"lr {plan.training.lr}, AdamW (fresh each round), MiniLM-L6 + LoRA on query/value (α=16) + shared head.",
         "- Devices: equal mix of the SDK's low/mid/high presets (512 MiB / 1 thread / ×0.25 compute, 1 GiB / 1 "
         "thread / ×0.5, 4 GiB / 2 threads / ×1). Each client profiles itself with the SDK's micro-benchmark and "
@@ -273,6 +273,10 @@ def _figures(plan: Plan, results: dict, folder: Path, root: Path) -> list[str]:
         return lines
     c = plots.accuracy_by_tier(tiers, folder / "tiers.png")
     return lines + [f"![accuracy by tier]({c.relative_to(root)})", ""]
+
+
+def _local_work(training: TrainingConfig) -> str:
+    return f"{training.steps} steps" if training.steps else f"{training.epochs} epoch(s)"
 
 
 def _command(plan: Plan) -> str:
