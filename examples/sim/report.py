@@ -102,11 +102,14 @@ def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = 
 
 
 def _finished(config: SimConfig) -> bool:
+    """Whether the run folder holds this config's finished run; a field added since ran at its default."""
     summary = config.out / "summary.json"
     if not summary.exists():
         return False
     recorded = json.loads(summary.read_text())["config"]
-    return recorded == json.loads(json.dumps(config_record(config)))
+    defaults = json.loads(json.dumps(config_record(SimConfig(bundle=config.bundle, out=config.out))))
+    added = {k: v for k, v in defaults.items() if k not in recorded}
+    return {**added, **recorded} == json.loads(json.dumps(config_record(config)))
 
 
 def _rows(folder: Path) -> list[dict]:
