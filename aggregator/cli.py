@@ -73,7 +73,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
     if server_lr is not None or server_momentum is not None:
         server = ServerOptimizer(lr=server_lr or 1.0, momentum=server_momentum or 0.0)
     try:
-        check_strategy(strategy, server)
+        check_strategy(strategy, server, read_manifest(bundle))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--strategy") from err
     try:

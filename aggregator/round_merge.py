@@ -16,9 +16,13 @@ from edge_sdk.protocol import AdapterHeader
 NOT_OVER_MQTT = {"flora": "FLoRA folds each round into the frozen base weights, which a device cannot change"}
 
 
-def check_strategy(name: str, server: ServerOptimizer | None = None) -> None:
+def check_strategy(name: str, server: ServerOptimizer | None = None, manifest: Manifest | None = None) -> None:
     """Raise ValueError for an unknown strategy, one that cannot run over the device protocol, or a bad pairing."""
     get_strategy(name)
+    frozen_a = manifest is not None and manifest.lora.get("frozen_a_seed") is not None
+    if manifest is not None and (name == "ffa-lora") != frozen_a:
+        raise ValueError("ffa-lora needs every device to hold the same frozen A (`fedpeft-export --freeze-lora-a`), "
+                         "and a bundle with frozen A suits ffa-lora only; export the bundle to match the strategy.")
     if name in NOT_OVER_MQTT:
         raise ValueError(f"Strategy '{name}' cannot run on devices: {NOT_OVER_MQTT[name]}. Use it in simulation.")
     if server is not None and name not in EXACT_STRATEGIES:

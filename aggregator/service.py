@@ -87,11 +87,11 @@ class Aggregator:
     def __init__(self, bundle: str | Path, broker: BrokerSettings, options: AggregatorOptions,
                  on_round: Callable[[dict], None] | None = None) -> None:
         """`on_round(record)` runs after each round is persisted, before the next opens (e.g. to evaluate)."""
-        check_strategy(options.strategy, options.server)
         if options.min_clients < 1 or options.rounds < 1:
             raise ValueError("rounds and min_clients must be at least 1.")
         self.bundle, self.options, self.on_round = Path(bundle), options, on_round
         self.manifest = read_manifest(self.bundle)
+        check_strategy(options.strategy, options.server, self.manifest)
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
         self.store = StateDir(options.state_dir)

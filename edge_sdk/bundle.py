@@ -36,9 +36,14 @@ class OpenedTier:
         """A fresh AdamW optimizer over the trainable parameters (zeroed moments)."""
         return Optimizer(str(self.path(self.tier.optimizer_model)), self.module)
 
-    def trainable_parameters(self) -> dict[str, np.ndarray]:
-        """Copies of the current trainable tensors, by ONNX name."""
-        return {name: np.array(param.data) for name, param in self.state.parameters if param.requires_grad}
+    def adapter_parameters(self) -> dict[str, np.ndarray]:
+        """Copies of what a device keeps and exchanges, by ONNX name: the trainable tensors and every LoRA factor.
+
+        The LoRA factors are listed even when frozen (the shared A of a --freeze-lora-a bundle).
+        """
+        lora = {name for pair in self.tier.lora_pairs for name in (pair.a, pair.b)}
+        return {name: np.array(param.data) for name, param in self.state.parameters
+                if param.requires_grad or name in lora}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -199,7 +199,7 @@ class Trainer:
     def get_adapter(self) -> Adapter:
         """The current LoRA factors (and the head when it is shared), copied out of the session."""
         return adapter_from_parameters(
-            self.manifest, self.rank, self.opened.trainable_parameters(), with_head=self.head_mode == "shared"
+            self.manifest, self.rank, self.opened.adapter_parameters(), with_head=self.head_mode == "shared"
         )
 
     def set_adapter(self, adapter: Adapter) -> None:
@@ -209,9 +209,10 @@ class Trainer:
         B are a new basis, so stale moments would push in meaningless directions. onnxruntime 1.19
         keeps optimizer state in the checkpoint state and a new Optimizer reloads it, so a fresh
         optimizer needs the tier reopened (~0.2 s for MiniLM); the old session is freed first so
-        memory does not double. A received head is ignored when the head is kept local.
+        memory does not double. A received head is ignored when the head is kept local, and a
+        received A when the bundle freezes A (ffa-lora: the device's A is the federation's shared A).
         """
-        self.load_state(self.opened.trainable_parameters(), adapter)
+        self.load_state(self.opened.adapter_parameters(), adapter)
 
     def load_state(self, parameters: Mapping[str, np.ndarray] | None = None, adapter: Adapter | None = None) -> None:
         """Reopen with a fresh optimizer from `parameters` (default: the bundle's initial values), `adapter` on top.
@@ -225,16 +226,19 @@ class Trainer:
             if self.head_mode == "local":
                 for name in adapter.head:
                     received.pop(name)
+            if self.manifest.lora.get("frozen_a_seed") is not None:
+                for pair in self.opened.tier.lora_pairs:
+                    received.pop(pair.a)
             values.update(received)
         self._reopen(values)
 
     def state(self) -> dict[str, np.ndarray]:
         """A copy of every trainable parameter (LoRA factors and head), to restore with `load_state`."""
-        return self.opened.trainable_parameters()
+        return self.opened.adapter_parameters()
 
     def reset_optimizer(self) -> None:
         """Start a fresh AdamW (zero moments, step 0), keeping the current parameters."""
-        self._reopen(self.opened.trainable_parameters())
+        self._reopen(self.opened.adapter_parameters())
 
     def _reopen(self, trainable: dict[str, np.ndarray]) -> None:
         rank = self.rank

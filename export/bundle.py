@@ -24,7 +24,9 @@ from edge_sdk.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, M
 from export import __version__
 from export.errors import ExportError
 from export.graph import OUTPUT_NAME, export_forward, frozen_initializers
-from export.model import TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs
+from export.model import (
+    SHARED_A_SEED, TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs,
+)
 
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -46,6 +48,7 @@ class ExportOptions:
     train_head: bool = True
     max_seq_len: int = 128
     opset: int = 17
+    freeze_lora_a: bool = False
 
 
 def export_bundle(
@@ -118,10 +121,11 @@ def _write_bundle(
             list(options.target_modules) if isinstance(options.target_modules, tuple) else options.target_modules,
             options.train_head,
             options.num_labels,
+            shared_a_rank=max(options.ranks) if options.freeze_lora_a else None,
         )
         sample = sample_inputs(loaded.task, loaded.config)
         graph = export_forward(loaded, sample, options.opset)
-        frozen = {init.name: numpy_helper.to_array(init) for init in frozen_initializers(graph, loaded.trainable)}
+        frozen = {init.name: numpy_helper.to_array(init) for init in frozen_initializers(graph, loaded.trainable + loaded.frozen_lora)}
         if base is None:
             base, first = frozen, loaded
             save_file(base, str(work / BASE_WEIGHTS_FILE))
@@ -152,6 +156,7 @@ def _write_bundle(
             "dropout": 0.0,
             "train_head": options.train_head,
             "ignore_index": IGNORE_INDEX,
+            "frozen_a_seed": SHARED_A_SEED if options.freeze_lora_a else None,
         },
         base_weights={
             "file": BASE_WEIGHTS_FILE,
@@ -178,19 +183,24 @@ def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray],
 
 
 def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto, frozen_names: list[str]) -> Tier:
-    """Generate the training/eval/optimizer graphs, nominal checkpoint, initial values and inference graph."""
+    """Generate the training/eval/optimizer graphs, nominal checkpoint, initial values and inference graph.
+
+    LoRA factors frozen by --freeze-lora-a are stored with the tier's initial values (they differ per
+    tier), not with the shared base weights.
+    """
     from onnxruntime.training import artifacts, onnxblock
 
     tier_dir = work / "tiers" / f"r{rank}"
     tier_dir.mkdir(parents=True)
     trainable = loaded.trainable
     inits = {init.name: init for init in graph.graph.initializer}
-    save_file({n: numpy_helper.to_array(inits[n]) for n in trainable}, str(tier_dir / "trainable_init.safetensors"))
+    save_file({n: numpy_helper.to_array(inits[n]) for n in trainable + loaded.frozen_lora},
+              str(tier_dir / "trainable_init.safetensors"))
     with _native_stderr_captured(f"generating training artifacts for r={rank}"):
         artifacts.generate_artifacts(
             graph,
             requires_grad=trainable,
-            frozen_params=frozen_names,
+            frozen_params=frozen_names + loaded.frozen_lora,
             loss=onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
             optimizer=artifacts.OptimType.AdamW,
             artifact_directory=tier_dir,
@@ -200,7 +210,7 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
     (tier_dir / "checkpoint").unlink()
     _cap_ir_version(tier_dir / "optimizer_model.onnx")
     training = onnx.load(str(tier_dir / "training_model.onnx"))
-    params = set(trainable) | set(frozen_names)
+    params = set(trainable) | set(frozen_names) | set(loaded.frozen_lora)
     order = [i.name for i in training.graph.input if i.name in params]
     _write_inference_graph(graph, tier_dir / "inference_model.onnx", frozen_names, work / BASE_WEIGHTS_FILE)
     return Tier(

@@ -44,9 +44,13 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Longest token sequence devices feed (recorded in the manifest).")
 @click.option("--opset", type=click.IntRange(min=14), default=17, show_default=True)
+@click.option("--freeze-lora-a", is_flag=True,
+              help="Freeze every LoRA A at one seeded draw shared by all tiers (tier r: its first r rows); "
+                   "devices train B (+ head) only. Needed by the ffa-lora strategy.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
-         ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, force: bool) -> None:
+         ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
+         force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.bundle import ExportOptions, export_bundle
@@ -64,6 +68,7 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
         train_head=train_head,
         max_seq_len=max_seq_len,
         opset=opset,
+        freeze_lora_a=freeze_lora_a,
     )
     start = time.perf_counter()
     try:

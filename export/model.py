@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -19,6 +20,8 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"))
+SHARED_A_SEED = 20240101
+"""Seed of the shared frozen A of --freeze-lora-a bundles (ffa-lora); recorded in the manifest."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class LoadedModel:
     peft_keys: dict[str, str]
     peft_config: dict
     lora_pairs: list[dict] = field(default_factory=list)
+    frozen_lora: list[str] = field(default_factory=list)
 
 
 class ForwardWrapper(nn.Module):
@@ -134,10 +138,13 @@ def load_lora_model(
     train_head: bool,
     num_labels: int | None,
     dropout: float = 0.0,
+    shared_a_rank: int | None = None,
 ) -> LoadedModel:
     """Load the base model in float32 eager attention and inject a LoRA adapter of `rank`.
 
     `target_modules` None picks the attention query/value projections under their usual names.
+    `shared_a_rank` freezes every lora_A at the first `rank` rows of one seeded draw of that many
+    rows (ffa-lora), so all tiers share a prefix of the same A.
     """
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -182,6 +189,8 @@ def load_lora_model(
     if not train_head:
         for name, param in peft_model.named_parameters():
             param.requires_grad = "lora_" in name
+    if shared_a_rank is not None:
+        _freeze_shared_a(peft_model, shared_a_rank)
     peft_model.eval()
     wrapper = ForwardWrapper(peft_model.base_model.model, task).eval()
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -196,6 +205,7 @@ def load_lora_model(
         peft_keys=_peft_keys(peft_model),
         peft_config=_adapter_config(peft_model),
         lora_pairs=_lora_pairs(peft_model),
+        frozen_lora=[onnx_name(n) for n, p in peft_model.named_parameters() if "lora_" in n and not p.requires_grad],
     )
 
 
@@ -240,7 +250,7 @@ def _peft_keys(peft_model: nn.Module) -> dict[str, str]:
     """Map ONNX parameter names to the keys peft writes in adapter_model.safetensors (matched by storage)."""
     from peft import get_peft_model_state_dict
 
-    by_ptr = {p.data_ptr(): n for n, p in peft_model.named_parameters() if p.requires_grad}
+    by_ptr = {p.data_ptr(): n for n, p in peft_model.named_parameters() if p.requires_grad or "lora_" in n}
     mapping: dict[str, str] = {}
     for key, tensor in get_peft_model_state_dict(peft_model).items():
         name = by_ptr.get(tensor.data_ptr())
@@ -250,6 +260,24 @@ def _peft_keys(peft_model: nn.Module) -> dict[str, str]:
     if missing:
         raise ExportError(f"No peft adapter key for trainable parameters {missing}.")
     return mapping
+
+
+def _freeze_shared_a(peft_model: nn.Module, top: int) -> None:
+    """Draw each layer's A (top × in, peft's kaiming-uniform init) from one seed, keep its first r rows, freeze it."""
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(SHARED_A_SEED)
+    for _, module in sorted(peft_model.named_modules(), key=lambda item: item[0]):
+        if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+            continue
+        weight = module.lora_A[ADAPTER_NAME].weight
+        if weight.shape[0] > top:
+            raise ExportError(f"Tier rank {weight.shape[0]} exceeds the shared A's {top} rows.")
+        shared = torch.empty(top, weight.shape[1])
+        nn.init.kaiming_uniform_(shared, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            weight.copy_(shared[: weight.shape[0]])
+        weight.requires_grad = False
 
 
 def _lora_pairs(peft_model: nn.Module) -> list[dict]:

@@ -31,7 +31,7 @@ def _logits(trainer: Trainer, examples: list[Example]) -> np.ndarray:
 def _one_step(trainer: Trainer, batch: list[Example]) -> dict[str, np.ndarray]:
     ort.set_seed(7)
     trainer.fit(batch, steps=1, batch_size=len(batch), lr=1e-3, bucketing=False)
-    return trainer.opened.trainable_parameters()
+    return trainer.opened.adapter_parameters()
 
 
 def test_adapter_round_trips_into_a_fresh_trainer(minilm_bundle: Path) -> None:
@@ -83,7 +83,7 @@ def test_local_head_is_neither_sent_nor_overwritten(minilm_bundle: Path) -> None
     head_before = {k: v.copy() for k, v in shared.head.items()}
     foreign = Adapter(2, adapter.lora, {k: v + 1.0 for k, v in head_before.items()})
     trainer.set_adapter(foreign)
-    params = trainer.opened.trainable_parameters()
+    params = trainer.opened.adapter_parameters()
     for name, value in head_before.items():
         np.testing.assert_array_equal(params[name], value)
 

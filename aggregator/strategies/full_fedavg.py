@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 BYTES_PER_FLOAT32 = 4
 
 
@@ -12,6 +14,5 @@ def full_fedavg_round_bytes(total_parameters: int, clients: int, bytes_per_value
 
 def model_parameters(manifest) -> int:
     """Base + head parameters of a bundle (`edge_sdk.manifest.Manifest`): what full fine-tuning sends."""
-    tier = manifest.tiers[0]
-    head = tier.trainable_count - sum(p.a_shape[0] * (p.a_shape[1] + p.b_shape[0]) for p in tier.lora_pairs)
+    head = sum(math.prod(shape) for shape in manifest.head_shapes.values())
     return int(manifest.base_weights["parameters"]) + head

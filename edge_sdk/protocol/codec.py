@@ -103,7 +103,9 @@ def max_payload_bytes(manifest: Manifest) -> int:
     """Largest valid payload for this bundle: the biggest tier (LoRA + head) in float32, names and header."""
     tier = max(manifest.tiers, key=lambda t: t.rank)
     tensors = 2 * len(tier.lora_pairs) + len(manifest.head_parameters)
-    return 4 * tier.trainable_count + 512 * tensors + MAX_HEADER_BYTES + _PREFIX.size
+    values = sum(p.a_shape[0] * p.a_shape[1] + p.b_shape[0] * p.b_shape[1] for p in tier.lora_pairs)
+    values += sum(int(np.prod(shape)) for shape in manifest.head_shapes.values())
+    return 4 * values + 512 * tensors + MAX_HEADER_BYTES + _PREFIX.size
 
 
 def encode_adapter(adapter: Adapter, header: AdapterHeader) -> bytes:
