@@ -15,7 +15,7 @@ from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
 from examples.sim import plots
-from examples.sim.report import FULL, QUICK, run_report
+from examples.sim.report import FULL, QUICK, frozen_a_bundle, run_report
 from examples.sim.simulation import SimConfig, run_simulation
 
 
@@ -38,13 +38,13 @@ def _mix(_ctx, _param, value: str) -> dict[str, float]:
         raise click.BadParameter("write the mix as low=1,mid=1,high=1.") from None
 
 
-def _bundle(path: Path) -> Path:
-    """The bundle at `path`, exported first (MiniLM-L6 default) when there is none."""
+def _bundle(path: Path, *export_args: str) -> Path:
+    """The bundle at `path`, exported first (MiniLM-L6 default, with `export_args`) when there is none."""
     try:
         read_manifest(path)
     except BundleError:
         click.echo(f"exporting the default bundle to {path} ...")
-        subprocess.run([sys.executable, "-m", "export.cli", "--out", str(path), "--force"], check=True)
+        subprocess.run([sys.executable, "-m", "export.cli", "--out", str(path), "--force", *export_args], check=True)
     return path
 
 
@@ -122,8 +122,11 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool
     plan = QUICK if quick else FULL
     work = work / "quick" if quick else work
     docs = docs or (work / "results.md" if quick else Path("docs/results.md"))
-    path = run_report(plan, bundle if render_only else _bundle(bundle), work, docs, resume=not fresh,
-                      run=not render_only)
+    if not render_only:
+        _bundle(bundle)
+        if "ffa-lora" in plan.strategies:
+            _bundle(frozen_a_bundle(bundle), "--freeze-lora-a")
+    path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only)
     click.echo(f"report written to {path}")
 
 

@@ -48,7 +48,7 @@ class Plan:
 
 TRAINING = TrainingConfig(epochs=1, batch_size=16, lr=2e-3, schedule="constant")
 FULL = Plan(clients=100, fraction=0.1, rounds=10, eval_samples=500, pool_limit=None,
-            strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora"),
+            strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora", "ffa-lora"),
             partitions=("alpha0.1", "alpha1.0", "iid"), seeds=(0, 1, 2), dtypes=("float16", "int8"),
             centralized_epochs=1, training=TRAINING)
 QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=2000,
@@ -57,8 +57,16 @@ QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=20
              training=TrainingConfig(steps=25, batch_size=16, lr=2e-3, schedule="constant"))
 
 
+def frozen_a_bundle(bundle: Path) -> Path:
+    """Where the ffa-lora runs' bundle (the same export with --freeze-lora-a) sits, beside `bundle`."""
+    return bundle.with_name(bundle.name + "-frozen-a")
+
+
 def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
-    """Grid (strategies × partitions, seed 0), extra seeds for the headline pair at α=0.1, dtypes of the default."""
+    """Grid (strategies × partitions, seed 0), extra seeds for the headline pair at α=0.1, dtypes of the default.
+
+    ffa-lora runs on the frozen-A export of the same model (`frozen_a_bundle`).
+    """
     base = SimConfig(bundle=bundle, out=work, clients=plan.clients, fraction=plan.fraction, rounds=plan.rounds,
                      size_skew=plan.size_skew, dropout=plan.dropout, training=plan.training,
                      eval_samples=plan.eval_samples, local_eval_every=plan.rounds, pool_limit=plan.pool_limit)
@@ -67,6 +75,7 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
         for part in plan.partitions:
             for seed in (plan.seeds if strategy in HEADLINE and part == "alpha0.1" else plan.seeds[:1]):
                 runs.append(replace(base, strategy=strategy, alpha=PARTITIONS[part], seed=seed,
+                                    bundle=frozen_a_bundle(bundle) if strategy == "ffa-lora" else bundle,
                                     out=work / f"{strategy}_{part}_float32_s{seed}"))
     for dtype in plan.dtypes:
         runs.append(replace(base, alpha=0.1, dtype=dtype, out=work / f"svd-weighted_alpha0.1_{dtype}_s0"))
@@ -80,7 +89,7 @@ def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = 
     """
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    pool = TrainerPool(bundle)
+    pools: dict[Path, TrainerPool] = {}
     ceiling_file = work / "centralized.json"
     if (resume or not run) and ceiling_file.exists():
         ceiling = json.loads(ceiling_file.read_text())
@@ -94,7 +103,9 @@ def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = 
         if not run or resume and _finished(config):
             continue
         log.info("run %d/%d: %s", i, len(configs), config.out.name)
-        run_simulation(config, pool)
+        if config.bundle not in pools:
+            pools[config.bundle] = TrainerPool(config.bundle)
+        run_simulation(config, pools[config.bundle])
     results = {c.out.name: (json.loads((c.out / "summary.json").read_text()), _rows(c.out))
                for c in configs if _finished(c)}
     wall = time.perf_counter() - started
@@ -172,9 +183,8 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "accuracy is not measured (the protocol carries adapters only).",
         "- FeDeRA (SVD-initialized LoRA) and FLoRA (folds updates into the frozen base, which the devices "
         "cannot change): not run.",
-        "- ffa-lora: not run. It needs every device to hold the same frozen A (tier r = the first r rows of one "
-        "shared A); the exported bundles train A, so the strategy would rightly reject all but one update per "
-        "round. An export option that freezes A is the missing piece.",
+        "- ffa-lora uploads its frozen A with B (the codec carries both factors and the strategy checks A), so "
+        "its bytes equal the others'; sending B alone would halve them.",
         "",
     ]
     docs.parent.mkdir(parents=True, exist_ok=True)
