@@ -39,17 +39,20 @@ def svd_by_gram(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     u = u[:, :, ::-1]
     vs = np.swapaxes(m, 1, 2) @ u
     s = np.linalg.norm(vs, axis=1)
-    order = np.argsort(-s, axis=1, kind="stable")
-    s = np.take_along_axis(s, order, axis=1)
-    u = np.take_along_axis(u, order[:, None, :], axis=2)
-    v = np.take_along_axis(vs, order[:, None, :], axis=2) / np.where(s > 0, s, 1)[:, None, :]
+    if np.all(s[:, 1:] <= s[:, :-1]):
+        v = vs / np.where(s > 0, s, 1)[:, None, :]
+    else:
+        order = np.argsort(-s, axis=1, kind="stable")
+        s = np.take_along_axis(s, order, axis=1)
+        u = np.take_along_axis(u, order[:, None, :], axis=2)
+        v = np.take_along_axis(vs, order[:, None, :], axis=2) / np.where(s > 0, s, 1)[:, None, :]
     return (v, s, u) if flip else (u, s, v)
 
 
 def product_norms(scale: float, b: np.ndarray, a: np.ndarray) -> np.ndarray:
     """‖scale · b[l] @ a[l]‖_F for a batch (L, out, r) × (L, r, in), through r × r QR factors."""
-    _, rb = np.linalg.qr(b)
-    _, ra = np.linalg.qr(np.swapaxes(a, 1, 2))
+    rb = np.linalg.qr(b, mode="r")
+    ra = np.linalg.qr(np.swapaxes(a, 1, 2), mode="r")
     return abs(scale) * np.linalg.norm(rb @ np.swapaxes(ra, 1, 2), axis=(1, 2))
 
 

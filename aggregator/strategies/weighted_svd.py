@@ -41,7 +41,7 @@ def merge_exact(
         b = [np.stack([u.factors[name][1] for name in group]).astype(dtype, copy=False) for u in accepted]
         a = [np.stack([u.factors[name][0] for name in group]).astype(dtype, copy=False) for u in accepted]
         scales = [layers[group[0]].scaling(u.rank) for u in accepted]
-        norms = np.stack([product_norms(s, bi, ai) for s, bi, ai in zip(scales, b, a)], axis=1)
+        norms = _norms(accepted, scales, b, a)
         w = weight_fn(n, norms)
         p = np.concatenate([(w[:, i] * scales[i])[:, None, None].astype(dtype) * b[i] for i in range(len(b))], axis=2)
         q = np.concatenate(a, axis=1)
@@ -62,6 +62,18 @@ def normalized(values: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     totals = values.sum(axis=-1, keepdims=True)
     safe = np.where(totals > 0, values, fallback)
     return safe / safe.sum(axis=-1, keepdims=True)
+
+
+def _norms(accepted: Sequence[ClientUpdate], scales: list[float], b: list[np.ndarray], a: list[np.ndarray]) -> np.ndarray:
+    """‖s_i B_i A_i‖_F per (layer, client), one batched QR per rank instead of one per client."""
+    norms = np.empty((b[0].shape[0], len(accepted)))
+    by_rank: dict[int, list[int]] = defaultdict(list)
+    for index, update in enumerate(accepted):
+        by_rank[update.rank].append(index)
+    for indices in by_rank.values():
+        stacked = product_norms(1.0, np.concatenate([b[i] for i in indices]), np.concatenate([a[i] for i in indices]))
+        norms[:, indices] = stacked.reshape(len(indices), -1).T * np.array([abs(scales[i]) for i in indices])
+    return norms
 
 
 def _shape_groups(layers: Mapping[str, LayerSpec]) -> dict[tuple[int, int], list[str]]:
