@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_sdk.protocol import TrainingConfig
@@ -40,3 +41,17 @@ def test_small_federation_learns_and_counts_bytes_from_real_payloads(minilm_bund
     assert {int(r) for r in summary["ranks"]} <= {2, 8} and sum(summary["ranks"].values()) == 6
     assert set(rows[-1]["local_accuracy_by_tier"]) == {c["preset"] for c in split.values()}
     assert 0 <= summary["worst_client_accuracy"] <= summary["local_accuracy_mean"] <= 1
+
+
+def test_fashion_mnist_transfer_task_holds_only_the_classes_the_base_never_saw() -> None:
+    from edge_sdk.datasets import fashion_mnist
+    from examples.sim.pretrain_vit import BASE_CLASSES
+    from examples.sim.simulation import load_data
+
+    train, test = load_data("fashion-mnist-5-9")
+    assert (len(train), len(test)) == (30000, 5000)
+    assert sorted(set(e.label for e in train)) == sorted(set(e.label for e in test)) == [0, 1, 2, 3, 4]
+    original = [e for e in fashion_mnist("test") if e.label not in BASE_CLASSES]
+    assert all(np.array_equal(a.x, b.x) and a.label == b.label - 5 for a, b in zip(test, original))
+    with pytest.raises(ValueError, match="rotten-tomatoes"):
+        load_data("cifar")

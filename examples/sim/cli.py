@@ -15,8 +15,11 @@ from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
 from examples.sim import plots
-from examples.sim.report import FULL, QUICK, frozen_a_bundle, run_report
-from examples.sim.simulation import SimConfig, run_simulation
+from examples.sim.report import FULL, QUICK, frozen_a_bundle, image_base, run_report
+from examples.sim.simulation import DATA_SETS, SimConfig, run_simulation
+
+DEFAULT_BUNDLE = "runs/bundle"
+DEFAULT_IMAGE_BUNDLE = "runs/bundle-fmnist"
 
 
 def _alpha(_ctx, _param, value: str) -> float | None:
@@ -48,6 +51,26 @@ def _bundle(path: Path, *export_args: str) -> Path:
     return path
 
 
+def _image_bundle(path: Path) -> Path:
+    """The image task's bundle at `path`; the base ViT is pretrained beside it first when missing."""
+    base = image_base(path)
+    try:
+        read_manifest(path)
+    except BundleError:
+        if not (base / "config.json").is_file():
+            click.echo(f"pretraining the image base model to {base} (a few minutes) ...")
+            subprocess.run([sys.executable, "-m", "examples.sim.pretrain_vit", "--out", str(base)], check=True)
+        _bundle(path, "--model", str(base), "--task", "img-cls", "--num-labels", "5")
+    return path
+
+
+def _data_bundle(path: Path | None, data: str) -> Path:
+    """The bundle for `data`: `path` when given, else the default text or image bundle (made when missing)."""
+    if data == "fashion-mnist-5-9":
+        return _image_bundle(path or Path(DEFAULT_IMAGE_BUNDLE))
+    return _bundle(path or Path(DEFAULT_BUNDLE))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log every round and client.")
 def main(verbose: bool) -> None:
@@ -61,7 +84,9 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--bundle", default="runs/bundle", show_default=True, type=click.Path(path_type=Path))
+@click.option("--bundle", default=None, type=click.Path(path_type=Path),
+              help=f"[default: {DEFAULT_BUNDLE}, or {DEFAULT_IMAGE_BUNDLE} for the image data; made when missing]")
+@click.option("--data", type=click.Choice(DATA_SETS), default="rotten-tomatoes", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (replaced).")
 @click.option("--strategy", default="svd-weighted", show_default=True)
 @click.option("--server-lr", type=click.FloatRange(0, min_open=True), default=None,
@@ -82,18 +107,18 @@ def main(verbose: bool) -> None:
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Central test reviews scored per round (the whole split after the last).")
+              help="Central test examples scored per round (the whole split after the last).")
 @click.option("--local-eval-every", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training reviews.")
+@click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training examples.")
 @click.option("--broker", default=None, help="mqtt://host:port of a running broker [default: embedded].")
 @click.option("--plot/--no-plot", default=True, show_default=True)
-def run(bundle: Path, out: Path, strategy: str, server_lr: float | None, server_momentum: float | None, clients: int,
+def run(bundle: Path | None, data: str, out: Path, strategy: str, server_lr: float | None, server_momentum: float | None, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
         seed: int, epochs: int, batch_size: int, lr: float, dtype: str, eval_samples: int, local_eval_every: int,
         pool_limit: int | None, broker: str | None, plot: bool) -> None:
-    """Run one federation on Rotten Tomatoes; metrics per round in OUT/metrics.jsonl."""
+    """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
-        bundle=_bundle(bundle), out=out, strategy=strategy, clients=clients, fraction=fraction, rounds=rounds,
+        bundle=_data_bundle(bundle, data), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction, rounds=rounds,
         alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
         training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant"), dtype=dtype,
         eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
@@ -122,11 +147,14 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool
     plan = QUICK if quick else FULL
     work = work / "quick" if quick else work
     docs = docs or (work / "results.md" if quick else Path("docs/results.md"))
+    image = None if quick else Path(DEFAULT_IMAGE_BUNDLE)
     if not render_only:
         _bundle(bundle)
         if "ffa-lora" in plan.strategies:
             _bundle(frozen_a_bundle(bundle), "--freeze-lora-a")
-    path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only)
+        if image is not None:
+            _image_bundle(image)
+    path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only, image_bundle=image)
     click.echo(f"report written to {path}")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.trainers import TrainerPool
 from examples.sim import plots
+from examples.sim.pretrain_vit import PRETRAINING_FILE
 from examples.sim.simulation import SimConfig, centralized, config_record, run_simulation
 
 log = logging.getLogger("fedpeft.report")
@@ -44,6 +45,8 @@ class Plan:
     training: TrainingConfig
     size_skew: float = 0.5
     dropout: float = 0.05
+    data: str = "rotten-tomatoes"
+    ceiling_lr: float = 1e-3
 
 
 TRAINING = TrainingConfig(epochs=1, batch_size=16, lr=2e-3, schedule="constant")
@@ -55,6 +58,16 @@ QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=20
              strategies=("svd-weighted", "fedavg-naive"), partitions=("alpha0.1", "iid"), seeds=(0,),
              dtypes=("int8",), centralized_epochs=1,
              training=TrainingConfig(steps=25, batch_size=16, lr=2e-3, schedule="constant"))
+IMAGE = replace(FULL, strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora"), dtypes=(),
+                data="fashion-mnist-5-9", ceiling_lr=3e-3)
+"""The image task at the text grid's scale (ffa-lora and the dtypes are measured on text only)."""
+IMAGE_WORK = "fmnist"
+"""The image runs' folder under the report's work folder."""
+
+
+def image_base(image_bundle: Path) -> Path:
+    """Where the image task's pretrained base model sits, beside its bundle."""
+    return image_bundle.with_name("vit-fmnist-0-4")
 
 
 def frozen_a_bundle(bundle: Path) -> Path:
@@ -67,7 +80,7 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
 
     ffa-lora runs on the frozen-A export of the same model (`frozen_a_bundle`).
     """
-    base = SimConfig(bundle=bundle, out=work, clients=plan.clients, fraction=plan.fraction, rounds=plan.rounds,
+    base = SimConfig(bundle=bundle, out=work, data=plan.data, clients=plan.clients, fraction=plan.fraction, rounds=plan.rounds,
                      size_skew=plan.size_skew, dropout=plan.dropout, training=plan.training,
                      eval_samples=plan.eval_samples, local_eval_every=plan.rounds, pool_limit=plan.pool_limit)
     runs = []
@@ -82,12 +95,26 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
     return runs
 
 
-def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = True, run: bool = True) -> Path:
+def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = True, run: bool = True,
+               image_bundle: Path | None = None) -> Path:
     """Run (or reuse) every experiment, then write `docs` and its figures; returns the report's path.
 
-    With `run` False nothing is trained: the report shows the finished runs and marks the others.
+    With `image_bundle` the image grid (`IMAGE`) runs too, under `work/fmnist`. With `run` False
+    nothing is trained: the report shows the finished runs and marks the others.
     """
     started = time.perf_counter()
+    results, ceiling, planned = _run_grid(plan, bundle, work, resume, run)
+    image = None
+    if image_bundle is not None and (run or (work / IMAGE_WORK / "centralized.json").exists()):
+        pretraining = image_base(image_bundle) / PRETRAINING_FILE
+        base = json.loads(pretraining.read_text()) if pretraining.is_file() else None
+        image = (*_run_grid(IMAGE, image_bundle, work / IMAGE_WORK, resume, run), base)
+    wall = time.perf_counter() - started
+    return render(plan, results, ceiling, docs, wall, planned, image)
+
+
+def _run_grid(plan: Plan, bundle: Path, work: Path, resume: bool, run: bool) -> tuple[dict, dict, int]:
+    """(finished results by run name, the centralized ceiling, planned run count) of one grid."""
     work.mkdir(parents=True, exist_ok=True)
     pools: dict[Path, TrainerPool] = {}
     ceiling_file = work / "centralized.json"
@@ -96,20 +123,20 @@ def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = 
     elif not run:
         raise FileNotFoundError(f"No finished runs in {work}: run the report first.")
     else:
-        ceiling = centralized(bundle, 16, plan.centralized_epochs, 1e-3, limit=plan.pool_limit)
+        ceiling = centralized(bundle, 16, plan.centralized_epochs, plan.ceiling_lr, limit=plan.pool_limit,
+                              data_set=plan.data)
         ceiling_file.write_text(json.dumps(ceiling, indent=1))
     configs = experiments(plan, bundle, work)
     for i, config in enumerate(configs, 1):
         if not run or resume and _finished(config):
             continue
-        log.info("run %d/%d: %s", i, len(configs), config.out.name)
+        log.info("run %d/%d: %s %s", i, len(configs), plan.data, config.out.name)
         if config.bundle not in pools:
             pools[config.bundle] = TrainerPool(config.bundle)
         run_simulation(config, pools[config.bundle])
     results = {c.out.name: (json.loads((c.out / "summary.json").read_text()), _rows(c.out))
                for c in configs if _finished(c)}
-    wall = time.perf_counter() - started
-    return render(plan, results, ceiling, docs, wall, len(configs))
+    return results, ceiling, len(configs)
 
 
 def _finished(config: SimConfig) -> bool:
@@ -128,11 +155,12 @@ def _rows(folder: Path) -> list[dict]:
 
 
 def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dict, docs: Path, wall: float,
-           planned: int) -> Path:
+           planned: int, image: tuple[dict, dict, int, dict | None] | None = None) -> Path:
     """docs/results.md and its PNGs from the runs' summaries and per-round metrics ("not run" where missing)."""
     figures = docs.parent / "results"
     lines = [
-        "# Results: federated LoRA on Rotten Tomatoes with heterogeneous devices",
+        "# Results: federated LoRA with heterogeneous devices" + (" (Rotten Tomatoes, Fashion-MNIST)" if image
+                                                                  else " on Rotten Tomatoes"),
         "",
         *([f"**Partial: {len(results)} of {planned} runs finished; the others are marked 'not run'.**", ""]
           if len(results) < planned else []),
@@ -160,7 +188,8 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "strategies, and the MQTT protocol over the embedded broker. Bytes are the encoded payloads the "
         "aggregator accepted; full-model FedAvg bytes are 2 × 22.7M float32 parameters per participant.",
         "- Scaled down from the proposal (compute budget of ~2 h on 2 cores): "
-        f"{plan.rounds} rounds instead of 50–100, one seed for the non-headline rows, text only.",
+        f"{plan.rounds} rounds instead of 50–100, one seed for the non-headline rows"
+        + ("; ffa-lora and the codec dtypes on text only." if image else "; text only."),
         "",
         "## Ceiling",
         "",
@@ -174,11 +203,11 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     lines += _dtypes(plan, results)
     lines += _targets(plan, results, ceiling)
     lines += _figures(plan, results, figures, docs.parent)
+    if image is not None:
+        lines += _image_section(*image, figures, docs.parent)
     lines += [
         "## Not measured here",
         "",
-        "- Fashion-MNIST / an image task: the export supports image classification, but no pretrained "
-        "image model with a LoRA-friendly architecture is available offline as a Hugging Face folder here.",
         "- FedAvg with full fine-tuning: bytes are computed from the manifest (every row's ratio); its "
         "accuracy is not measured (the protocol carries adapters only).",
         "- FeDeRA (SVD-initialized LoRA) and FLoRA (folds updates into the frozen base, which the devices "
@@ -192,8 +221,8 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     return docs
 
 
-def _grid(plan: Plan, results: dict, ceiling: dict) -> list[str]:
-    lines = ["## Strategies × partitions (float32, seed 0)", "",
+def _grid(plan: Plan, results: dict, ceiling: dict, heading: str = "## Strategies × partitions (float32, seed 0)") -> list[str]:
+    lines = [heading, "",
              "| strategy | partition | final acc | last-3 mean | worst client | low/high tier | ranks | "
              "upload total | % of full FedAvg | wall |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for part in plan.partitions:
@@ -214,10 +243,10 @@ def _grid(plan: Plan, results: dict, ceiling: dict) -> list[str]:
                     "Low/high: mean local accuracy of low-preset clients over high-preset clients.", ""]
 
 
-def _seeds(plan: Plan, results: dict) -> list[str]:
+def _seeds(plan: Plan, results: dict, heading: str = "## Headline") -> list[str]:
     if len(plan.seeds) < 2:
         return []
-    lines = [f"## Headline: α=0.1, {len(plan.seeds)} seeds (partition, sampling and training all reseeded)", "",
+    lines = [f"{heading}: α=0.1, {len(plan.seeds)} seeds (partition, sampling and training all reseeded)", "",
              "| strategy | final acc mean ± std | per seed |", "|---|---:|---|"]
     for strategy in HEADLINE:
         values = [results[k][0]["final_accuracy"] for k in (f"{strategy}_alpha0.1_float32_s{s}" for s in plan.seeds)
@@ -286,6 +315,36 @@ def _figures(plan: Plan, results: dict, folder: Path, root: Path) -> list[str]:
         return lines
     c = plots.accuracy_by_tier(tiers, folder / "tiers.png")
     return lines + [f"![accuracy by tier]({c.relative_to(root)})", ""]
+
+
+def _image_section(results: dict, ceiling: dict, planned: int, base: dict | None, folder: Path,
+                   root: Path) -> list[str]:
+    """The image task: its setup, ceiling, grid, seeds and the α=0.1 accuracy figure."""
+    lines = [
+        "## Image task: Fashion-MNIST transfer",
+        "",
+        *([f"**Partial: {len(results)} of {planned} image runs finished.**", ""] if len(results) < planned else []),
+        "No pretrained image transformer is available offline as a Hugging Face folder here, so the base is "
+        "a small ViT (4 layers, width 128, 7×7 patches on 28×28, 0.8M parameters) pretrained by "
+        "`examples/sim/pretrain_vit.py` on Fashion-MNIST classes 0–4"
+        + (f" ({base['epochs']} epochs, {base['base_accuracy']:.3f} test accuracy on those classes)" if base else "")
+        + ". The federation fine-tunes LoRA (query/value, ranks {2,4,8,16}) and a new 5-way head on classes "
+        "5–9 (Sandal, Shirt, Sneaker, Bag, Ankle boot), which the base never saw: the dataset's own train "
+        "split (30,000 images) is partitioned, its test split (5,000) is the central test. Same clients, "
+        "rounds, partitions, devices and local training as the text grid.",
+        "",
+        f"Ceiling: centralized LoRA r={ceiling['rank']} on the pooled images ({ceiling['samples']}, "
+        f"{ceiling['epochs']} epoch, lr {ceiling['lr']}, linear decay): accuracy **{ceiling['accuracy']:.3f}**.",
+        "",
+    ]
+    lines += _grid(IMAGE, results, ceiling, "### Strategies × partitions (image, float32, seed 0)")
+    lines += _seeds(IMAGE, results, "### Image")
+    runs = {s: results[f"{s}_alpha0.1_float32_s0"][1] for s in IMAGE.strategies if f"{s}_alpha0.1_float32_s0" in results}
+    if runs:
+        figure = plots.accuracy_per_round(runs, "Image task: accuracy per round, Dirichlet α=0.1",
+                                          folder / "image_accuracy_alpha0.1.png")
+        lines += [f"![image α=0.1]({figure.relative_to(root)})", ""]
+    return lines
 
 
 def _local_work(training: TrainingConfig) -> str:

@@ -27,7 +27,7 @@ from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
 from edge_sdk.data import Example, stratified_split
-from edge_sdk.datasets import rotten_tomatoes
+from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
 from edge_sdk.manifest import read_manifest
 from edge_sdk.profile import PRESETS
 from edge_sdk.protocol import TrainingConfig, decode_adapter
@@ -70,6 +70,26 @@ class SimConfig:
     rank_policy: RankPolicy | None = None
     round_timeout: float = 900.0
     server: ServerOptimizer | None = None
+    data: str = "rotten-tomatoes"
+
+
+DATA_SETS = ("rotten-tomatoes", "fashion-mnist-5-9")
+
+
+def load_data(name: str) -> tuple[list[Example], list[Example]]:
+    """(training pool, central test split) of a named data set.
+
+    rotten-tomatoes: a stratified 80/20 split (seed 0) of the snippets. fashion-mnist-5-9: the
+    dataset's own train/test splits restricted to classes 5–9 (Sandal … Ankle boot), relabelled
+    0–4: the transfer task of the image base model, which was pretrained on classes 0–4.
+    """
+    if name == "rotten-tomatoes":
+        return stratified_split(rotten_tomatoes(), test_fraction=0.2, seed=0)
+    if name == "fashion-mnist-5-9":
+        train, test = ([Example(e.x, e.label - 5) for e in fashion_mnist(split) if e.label >= 5]
+                       for split in ("train", "test"))
+        return train, test
+    raise ValueError(f"Unknown data set '{name}'; choose one of {', '.join(DATA_SETS)}.")
 
 
 @dataclass
@@ -97,7 +117,7 @@ def split_clients(config: SimConfig, pool: list[Example]) -> tuple[list[SimClien
     record = {
         "alpha": config.alpha, "size_skew": config.size_skew, "seed": config.seed,
         "clients": {c.client_id: {"preset": c.preset, "train": len(c.train), "test": len(c.test),
-                                  "labels": h} for c, h in zip(clients, histograms(labels, parts, 2))},
+                                  "labels": h} for c, h in zip(clients, histograms(labels, parts, max(labels) + 1))},
     }
     return clients, record
 
@@ -211,7 +231,7 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
         shutil.rmtree(config.out)
     config.out.mkdir(parents=True)
     started = time.perf_counter()
-    data, central_test = stratified_split(rotten_tomatoes(), test_fraction=0.2, seed=0)
+    data, central_test = load_data(config.data)
     if config.pool_limit is not None:
         data = _subset(data, config.pool_limit)
     clients, split = split_clients(config, data)
@@ -332,9 +352,9 @@ def _guard(target, failures: list[BaseException]):
 
 
 def centralized(bundle: Path, rank: int, epochs: int, lr: float, batch_size: int = 16, seed: int = 0,
-                limit: int | None = None) -> dict:
+                limit: int | None = None, data_set: str = "rotten-tomatoes") -> dict:
     """The ceiling: one device training tier `rank` on the pooled training data (same split as the runs)."""
-    data, central_test = stratified_split(rotten_tomatoes(), test_fraction=0.2, seed=0)
+    data, central_test = load_data(data_set)
     if limit is not None:
         data = _subset(data, limit)
     trainer = Trainer(bundle, rank)
