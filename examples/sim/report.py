@@ -80,8 +80,8 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
 
     ffa-lora runs on the frozen-A export of the same model (`frozen_a_bundle`).
     """
-    base = SimConfig(bundle=bundle, out=work, data=plan.data, clients=plan.clients, fraction=plan.fraction, rounds=plan.rounds,
-                     size_skew=plan.size_skew, dropout=plan.dropout, training=plan.training,
+    base = SimConfig(bundle=bundle, out=work, data=plan.data, clients=plan.clients, fraction=plan.fraction,
+                     rounds=plan.rounds, size_skew=plan.size_skew, dropout=plan.dropout, training=plan.training,
                      eval_samples=plan.eval_samples, local_eval_every=plan.rounds, pool_limit=plan.pool_limit)
     runs = []
     for strategy in plan.strategies:
@@ -334,7 +334,8 @@ def _image_section(results: dict, ceiling: dict, planned: int, base: dict | None
         "rounds, partitions, devices and local training as the text grid.",
         "",
         f"Ceiling: centralized LoRA r={ceiling['rank']} on the pooled images ({ceiling['samples']}, "
-        f"{ceiling['epochs']} epoch, lr {ceiling['lr']}, linear decay): accuracy **{ceiling['accuracy']:.3f}**.",
+        f"{ceiling['epochs']} epoch, lr {ceiling['lr']}, linear decay): accuracy **{ceiling['accuracy']:.3f}**. "
+        f"The image runs took {sum(s['wall_seconds'] for s, _ in results.values()) / 60:.0f} min of federations.",
         "",
     ]
     lines += _grid(IMAGE, results, ceiling, "### Strategies × partitions (image, float32, seed 0)")
