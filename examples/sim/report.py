@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sdk.manifest import read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.trainers import TrainerPool
 from examples.sim import plots
 from examples.sim.pretrain_vit import PRETRAINING_FILE
-from examples.sim.simulation import SimConfig, centralized, config_record, run_simulation
+from examples.sim.simulation import SimConfig, centralized, config_record, load_data, run_simulation
 
 log = logging.getLogger("fedpeft.report")
 PARTITIONS: dict[str, float | None] = {"alpha0.1": 0.1, "alpha1.0": 1.0, "iid": None}
@@ -107,7 +108,8 @@ def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = 
     image = None
     if image_bundle is not None and (run or (work / IMAGE_WORK / "centralized.json").exists()):
         pretraining = image_base(image_bundle) / PRETRAINING_FILE
-        base = json.loads(pretraining.read_text()) if pretraining.is_file() else None
+        base = json.loads(pretraining.read_text()) if pretraining.is_file() else {}
+        base["parameters"] = read_manifest(image_bundle).base_weights["parameters"]
         image = (*_run_grid(IMAGE, image_bundle, work / IMAGE_WORK, resume, run), base)
     wall = time.perf_counter() - started
     return render(plan, results, ceiling, docs, wall, planned, image)
@@ -155,7 +157,7 @@ def _rows(folder: Path) -> list[dict]:
 
 
 def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dict, docs: Path, wall: float,
-           planned: int, image: tuple[dict, dict, int, dict | None] | None = None) -> Path:
+           planned: int, image: tuple[dict, dict, int, dict] | None = None) -> Path:
     """docs/results.md and its PNGs from the runs' summaries and per-round metrics ("not run" where missing)."""
     figures = docs.parent / "results"
     lines = [
@@ -202,6 +204,7 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     lines += _seeds(plan, results)
     lines += _dtypes(plan, results)
     lines += _targets(plan, results, ceiling)
+    lines += _observations(plan, results)
     lines += _figures(plan, results, figures, docs.parent)
     if image is not None:
         lines += _image_section(*image, figures, docs.parent)
@@ -214,6 +217,8 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "cannot change): not run.",
         "- ffa-lora uploads its frozen A with B (the codec carries both factors and the strategy checks A), so "
         "its bytes equal the others'; sending B alone would halve them.",
+        "",
+        "Experiments beyond this grid (a server optimizer, a frozen head) are in [experiments.md](experiments.md).",
         "",
     ]
     docs.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +304,31 @@ def _targets(plan: Plan, results: dict, ceiling: dict) -> list[str]:
     return lines + [""]
 
 
+def _observations(plan: Plan, results: dict, heading: str = "## What the runs show") -> list[str]:
+    """What the grid shows, computed from it: the exact-merge margin per partition and majority-class collapses."""
+    _, test = load_data(plan.data)
+    majority = float(np.bincount([e.label for e in test]).max() / len(test))
+    lines = [heading, ""]
+    for part in plan.partitions:
+        final = {s: results[f"{s}_{part}_float32_s0"][0]["final_accuracy"] for s in plan.strategies
+                 if f"{s}_{part}_float32_s0" in results}
+        if not {"svd-weighted", "fedavg-naive"} <= set(final):
+            continue
+        best = max(final, key=final.get)
+        lines.append(f"- {PARTITION_NAMES[part]}: svd-weighted {final['svd-weighted']:.3f} vs fedavg-naive "
+                     f"{final['fedavg-naive']:.3f} ({100 * (final['svd-weighted'] - final['fedavg-naive']):+.1f} "
+                     f"points); best of the {len(final)} strategies run: {best} ({final[best]:.3f}).")
+    skewed = [(name, s) for name, (s, _) in results.items() if name.split("_")[1] == "alpha0.1"]
+    collapsed = [name for name, s in skewed if abs(s["final_accuracy"] - majority) < 0.005]
+    if skewed:
+        lines.append(f"- α=0.1: {len(collapsed)} of {len(skewed)} runs end exactly at the majority-class share "
+                     f"({majority:.3f}), where the global adapter predicts one class"
+                     + (". Most α=0.1 clients hold a single class, and a local epoch on one class drives the "
+                        "shared head toward it; the merge rule cannot undo that (the independent reference run "
+                        "in the notes saw the same)." if collapsed else "."))
+    return lines + [""]
+
+
 def _figures(plan: Plan, results: dict, folder: Path, root: Path) -> list[str]:
     lines = ["## Figures", ""]
     for part in plan.partitions:
@@ -317,7 +347,7 @@ def _figures(plan: Plan, results: dict, folder: Path, root: Path) -> list[str]:
     return lines + [f"![accuracy by tier]({c.relative_to(root)})", ""]
 
 
-def _image_section(results: dict, ceiling: dict, planned: int, base: dict | None, folder: Path,
+def _image_section(results: dict, ceiling: dict, planned: int, base: dict, folder: Path,
                    root: Path) -> list[str]:
     """The image task: its setup, ceiling, grid, seeds and the α=0.1 accuracy figure."""
     lines = [
@@ -325,9 +355,10 @@ def _image_section(results: dict, ceiling: dict, planned: int, base: dict | None
         "",
         *([f"**Partial: {len(results)} of {planned} image runs finished.**", ""] if len(results) < planned else []),
         "No pretrained image transformer is available offline as a Hugging Face folder here, so the base is "
-        "a small ViT (4 layers, width 128, 7×7 patches on 28×28, 0.8M parameters) pretrained by "
-        "`examples/sim/pretrain_vit.py` on Fashion-MNIST classes 0–4"
-        + (f" ({base['epochs']} epochs, {base['base_accuracy']:.3f} test accuracy on those classes)" if base else "")
+        f"a small ViT (4 layers, width 128, 7×7 patches on 28×28, {base['parameters'] / 1e6:.2f}M frozen "
+        "parameters) pretrained by `examples/sim/pretrain_vit.py` on Fashion-MNIST classes 0–4"
+        + (f" ({base['epochs']} epochs, {base['base_accuracy']:.3f} test accuracy on those classes)"
+           if "epochs" in base else "")
         + ". The federation fine-tunes LoRA (query/value, ranks {2,4,8,16}) and a new 5-way head on classes "
         "5–9 (Sandal, Shirt, Sneaker, Bag, Ankle boot), which the base never saw: the dataset's own train "
         "split (30,000 images) is partitioned, its test split (5,000) is the central test. Same clients, "
@@ -340,6 +371,7 @@ def _image_section(results: dict, ceiling: dict, planned: int, base: dict | None
     ]
     lines += _grid(IMAGE, results, ceiling, "### Strategies × partitions (image, float32, seed 0)")
     lines += _seeds(IMAGE, results, "### Image")
+    lines += _observations(IMAGE, results, "### What the image runs show")
     runs = {s: results[f"{s}_alpha0.1_float32_s0"][1] for s in IMAGE.strategies if f"{s}_alpha0.1_float32_s0" in results}
     if runs:
         figure = plots.accuracy_per_round(runs, "Image task: accuracy per round, Dirichlet α=0.1",
