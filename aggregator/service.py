@@ -408,7 +408,7 @@ class Aggregator:
             return "not sampled for this round"
         if header.num_samples < 1:
             return "num_samples must be at least 1"
-        if header.head != (self.options.head == "shared"):
+        if header.head != (self.options.head == "shared" and bool(self.manifest.head_parameters)):
             return f"head {'sent' if header.head else 'missing'} but the federation keeps it {self.options.head}"
         return None
 

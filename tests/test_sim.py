@@ -55,3 +55,20 @@ def test_fashion_mnist_transfer_task_holds_only_the_classes_the_base_never_saw()
     assert all(np.array_equal(a.x, b.x) and a.label == b.label - 5 for a, b in zip(test, original))
     with pytest.raises(ValueError, match="rotten-tomatoes"):
         load_data("cifar")
+
+
+def test_bundle_without_a_trainable_head_federates(mosquitto, tmp_path: Path, monkeypatch) -> None:
+    """A LoRA-only bundle (the head frozen at its initial values) has no head to share: no update is refused."""
+    from export.bundle import ExportOptions, export_bundle
+
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+    bundle = tmp_path / "lora-only"
+    export_bundle(bundle, ExportOptions(ranks=(2,), train_head=False))
+    out = tmp_path / "run"
+    run_simulation(SimConfig(
+        bundle=bundle, out=out, clients=2, fraction=1.0, rounds=1, alpha=None, seed=0,
+        training=TrainingConfig(steps=3, batch_size=8, lr=2e-3, schedule="constant"), eval_samples=50,
+        local_eval_every=1, pool_limit=200, broker_url=mosquitto.url,
+    ))
+    record = json.loads((out / "state" / "rounds" / "0001" / "metrics.json").read_text())
+    assert len(record["participants"]) == 2 and record["rejected"] == 0, record
