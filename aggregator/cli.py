@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from aggregator.round_merge import check_strategy
-from aggregator.server_update import ServerOptimizer
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateError
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
@@ -37,11 +36,6 @@ from edge_sdk.rank import RankPolicy
               help="Clients that must be online before the first round opens [default: --min-clients].")
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="Seconds.")
 @click.option("--strategy", type=click.Choice(sorted(STRATEGIES)), default=DEFAULT_STRATEGY, show_default=True)
-@click.option("--server-lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="Server learning rate η of a FedAvgM step on ΔW_g (svd-weighted, flexlora) [default: no server rule, "
-                   "the merge replaces the global].")
-@click.option("--server-momentum", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Server momentum β of that step (turns the rule on with η = 1 when --server-lr is not given).")
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Crash-safe state; rerun with the same directory to resume.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -60,8 +54,7 @@ from edge_sdk.rank import RankPolicy
 @click.option("--log-level", default="INFO", show_default=True)
 def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | None, password_file: Path | None,
          embedded_port: int, federation: str, rounds: int, clients_per_round: int | None, fraction: float | None,
-         min_clients: int, min_online: int | None, round_timeout: float, strategy: str,
-         server_lr: float | None, server_momentum: float | None, state_dir: Path,
+         min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,
          metrics_file: Path | None, seed: int,
          steps: int | None, epochs: int, batch_size: int, lr: float, r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int,
          log_level: str) -> None:
@@ -69,11 +62,8 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if clients_per_round and fraction:
         raise click.UsageError("Give --clients-per-round or --fraction, not both.")
-    server = None
-    if server_lr is not None or server_momentum is not None:
-        server = ServerOptimizer(lr=server_lr or 1.0, momentum=server_momentum or 0.0)
     try:
-        check_strategy(strategy, server, read_manifest(bundle))
+        check_strategy(strategy, read_manifest(bundle))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--strategy") from err
     try:
@@ -85,7 +75,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
     options = AggregatorOptions(
         federation=federation, rounds=rounds, state_dir=state_dir, clients_per_round=clients_per_round,
         fraction=fraction, min_clients=min_clients, min_online=min_online, round_timeout=round_timeout,
-        strategy=strategy, server=server, seed=seed,
+        strategy=strategy, seed=seed,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr), rank_policy=policy, head=head, dtype=dtype,
         chunk_size=chunk_size, metrics_file=metrics_file,
     )

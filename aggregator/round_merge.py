@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from aggregator.server_update import EXACT_STRATEGIES, ServerOptimizer, ServerState, apply_update
 from aggregator.strategies import ClientUpdate, MergeResult, get_strategy
 from aggregator.strategies.base import layer_specs_from_manifest
 from edge_sdk.adapter import Adapter
@@ -16,8 +15,8 @@ from edge_sdk.protocol import AdapterHeader
 NOT_OVER_MQTT = {"flora": "FLoRA folds each round into the frozen base weights, which a device cannot change"}
 
 
-def check_strategy(name: str, server: ServerOptimizer | None = None, manifest: Manifest | None = None) -> None:
-    """Raise ValueError for an unknown strategy, one that cannot run over the device protocol, or a bad pairing."""
+def check_strategy(name: str, manifest: Manifest | None = None) -> None:
+    """Raise ValueError for an unknown strategy, one the device protocol cannot run, or one `manifest` does not suit."""
     get_strategy(name)
     frozen_a = manifest is not None and manifest.lora.get("frozen_a_seed") is not None
     if manifest is not None and (name == "ffa-lora") != frozen_a:
@@ -25,38 +24,24 @@ def check_strategy(name: str, server: ServerOptimizer | None = None, manifest: M
                          "and a bundle with frozen A suits ffa-lora only; export the bundle to match the strategy.")
     if name in NOT_OVER_MQTT:
         raise ValueError(f"Strategy '{name}' cannot run on devices: {NOT_OVER_MQTT[name]}. Use it in simulation.")
-    if server is not None and name not in EXACT_STRATEGIES:
-        raise ValueError(f"A server update rule needs a strategy that merges Σ w_i ΔW_i exactly "
-                         f"({', '.join(EXACT_STRATEGIES)}), not '{name}'.")
 
 
 def merge_round(
-    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], manifest: Manifest,
-    server: tuple[ServerOptimizer, ServerState] | None = None,
-) -> tuple[dict[int, Adapter], MergeResult, ServerState | None]:
+    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], manifest: Manifest
+) -> tuple[dict[int, Adapter], MergeResult]:
     """Per-tier global adapters (LoRA + averaged head) from accepted updates, in client-id order.
 
-    With `server` (the rule and the state after the previous round) the merge is a pseudo-gradient
-    step of that rule, and the new server state is returned (else None). Sorting makes the result
-    independent of arrival order bit for bit, which is what lets a restarted aggregator reproduce
-    an uninterrupted run exactly.
+    Sorting makes the result independent of arrival order bit for bit, which is what lets a
+    restarted aggregator reproduce an uninterrupted run exactly.
     """
     ordered = [updates[cid] for cid in sorted(updates)]
     client_updates = [
         ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=h.num_samples, factors=a.lora) for h, a in ordered
     ]
-    layers = layer_specs_from_manifest(manifest)
-    result = get_strategy(strategy)(client_updates, layers, manifest.ranks)
+    result = get_strategy(strategy)(client_updates, layer_specs_from_manifest(manifest), manifest.ranks)
     head = _average_heads(ordered)
-    state = None
-    lora_tiers = result.tiers
-    if server is not None:
-        rule, previous = server
-        ranks = {u.client_id: u.rank for u in client_updates}
-        lora_tiers, state = apply_update(rule, previous, result, ranks, head, layers, manifest.ranks)
-        head = state.head
-    tiers = {rank: Adapter(rank=rank, lora=dict(lora), head=head) for rank, lora in lora_tiers.items()}
-    return tiers, result, state
+    tiers = {rank: Adapter(rank=rank, lora=dict(lora), head=head) for rank, lora in result.tiers.items()}
+    return tiers, result
 
 
 def _average_heads(ordered: list[tuple[AdapterHeader, Adapter]]) -> dict[str, np.ndarray]:

@@ -21,12 +21,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from aggregator.round_merge import check_strategy, merge_round
-from aggregator.server_update import ServerOptimizer, ServerState, initial_state
-from aggregator.state import StateDir, StateError
-from aggregator.strategies.base import layer_specs_from_manifest
+from aggregator.state import StateDir
 from aggregator.strategies.full_fedavg import full_fedavg_round_bytes, model_parameters
 from edge_sdk.adapter import Adapter
-from edge_sdk.bundle import initial_head
 from edge_sdk.manifest import bundle_id, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import (
@@ -54,7 +51,6 @@ class AggregatorOptions:
     min_online: int | None = None
     round_timeout: float = 600.0
     strategy: str = "svd-weighted"
-    server: ServerOptimizer | None = None
     seed: int = 0
     training: TrainingConfig = field(default_factory=TrainingConfig)
     rank_policy: RankPolicy | None = None
@@ -91,7 +87,7 @@ class Aggregator:
             raise ValueError("rounds and min_clients must be at least 1.")
         self.bundle, self.options, self.on_round = Path(bundle), options, on_round
         self.manifest = read_manifest(self.bundle)
-        check_strategy(options.strategy, options.server, self.manifest)
+        check_strategy(options.strategy, self.manifest)
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
         self.store = StateDir(options.state_dir)
@@ -223,9 +219,7 @@ class Aggregator:
         assert current is not None
         closing = time.monotonic()
         started = time.perf_counter()
-        round_number = current.task.round
-        server = (self.options.server, self._server_state(round_number - 1)) if self.options.server else None
-        tiers, result, server_state = merge_round(self.options.strategy, current.accepted, self.manifest, server)
+        tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest)
         merge_seconds = time.perf_counter() - started
         total_samples = sum(h.num_samples for h, _ in current.accepted.values())
         payloads = {
@@ -234,11 +228,9 @@ class Aggregator:
                 num_samples=total_samples, dtype="float32"))
             for rank, adapter in tiers.items()
         }
-        global_state = server_state.global_factors if server_state else result.global_state
         factors = {f"{layer}::{part}": np.ascontiguousarray(getattr(f, part.lower()), dtype=np.float32)
-                   for layer, f in global_state.items() for part in ("U", "S", "V")}
-        if server_state is not None:
-            self.store.save_server_state(round_number, server_state)
+                   for layer, f in result.global_state.items() for part in ("U", "S", "V")}
+        round_number = current.task.round
         self.store.save_globals(round_number, payloads, factors)
         write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(round_number))
         record = self._metrics(current, payloads, merge_seconds)
@@ -261,16 +253,6 @@ class Aggregator:
         log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
                  round_number, len(record["participants"]), len(record["dropouts"]), current.rejections,
                  1000 * merge_seconds, record["bytes_in"] / 1e6, record["bytes_out"] / 1e6)
-
-    def _server_state(self, round_number: int) -> ServerState:
-        """The server rule's state after `round_number` (round 0: zero update, the bundle's head)."""
-        if round_number == 0:
-            return initial_state(layer_specs_from_manifest(self.manifest), initial_head(self.bundle))
-        state = self.store.server_state(round_number)
-        if state is None:
-            raise StateError(f"Round {round_number} in {self.store.root} has no server-rule state: it ran without "
-                             "--server-lr/--server-momentum. Keep running without them, or use a new --state-dir.")
-        return state
 
     def _metrics(self, current: _Round, payloads: dict[int, bytes], merge_seconds: float) -> dict:
         participants = sorted(current.accepted)

@@ -5,7 +5,6 @@ Layout (every file written atomically; JSON, safetensors and FedPEFT adapter pay
     rounds/0003/updates/<client>.fpa  accepted updates of round 3, as received (re-validated on load)
     rounds/0003/global-r8.fpa         round 3's global adapter for tier r=8 (codec payload)
     rounds/0003/global-factors.safetensors   ΔW_g factors per layer (U, S, V)
-    rounds/0003/server-state.safetensors     the server update rule's state (global, momentum, head)
     rounds/0003/peft/                 the global adapter as a Hugging Face peft folder
     rounds/0003/metrics.json          the round's metrics (also appended to the metrics file)
 """
@@ -17,10 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import save
 
-from aggregator.server_update import ServerState
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import RoundTask, check_identifier
 from edge_sdk.protocol.messages import MessageError, message_from_dict
@@ -101,19 +98,6 @@ class StateDir:
         if round_number < 1 or not folder.is_dir():
             return {}
         return {int(p.stem[len("global-r"):]): p.read_bytes() for p in folder.glob(f"global-r*{PAYLOAD_SUFFIX}")}
-
-    def save_server_state(self, round_number: int, state: ServerState) -> None:
-        write_atomic(self.round_dir(round_number) / "server-state.safetensors", save(state.to_tensors()))
-
-    def server_state(self, round_number: int) -> ServerState | None:
-        """The server rule's state written at the end of `round_number`, or None when there is none."""
-        path = self.round_dir(round_number) / "server-state.safetensors"
-        if not path.exists():
-            return None
-        try:
-            return ServerState.from_tensors(load(path.read_bytes()))
-        except (OSError, ValueError, KeyError, SafetensorError) as err:
-            raise StateError(f"Cannot read {path}: {err}. Move the state directory aside to start over.") from err
 
     def save_metrics(self, round_number: int, record: dict) -> None:
         write_atomic(self.round_dir(round_number) / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())

@@ -108,15 +108,6 @@ def open_tier(
     return OpenedTier(root=root, manifest=manifest, tier=tier, state=state, module=module)
 
 
-def initial_head(bundle: str | Path) -> dict[str, np.ndarray]:
-    """The task head's initial values (the same in every tier); empty when the bundle has no trainable head."""
-    root = Path(bundle)
-    manifest = read_manifest(root)
-    tier = manifest.tiers[-1]
-    with safe_open(str(root / tier.dir / tier.trainable_init), framework="numpy") as init_file:
-        return {name: init_file.get_tensor(name) for name in manifest.head_parameters}
-
-
 def _parameter_buffer(tier: Tier, base: Path, init: Path) -> np.ndarray:
     """All parameters in one float32 buffer in the training graph's input order.
 

@@ -53,11 +53,11 @@ def test_tiers_share_one_frozen_a_and_devices_train_b_only(frozen_a_bundle: Path
 
 
 def test_strategy_and_bundle_must_match(frozen_a_bundle: Path, minilm_bundle: Path) -> None:
-    check_strategy("ffa-lora", None, read_manifest(frozen_a_bundle))
+    check_strategy("ffa-lora", read_manifest(frozen_a_bundle))
     with pytest.raises(ValueError, match="--freeze-lora-a"):
-        check_strategy("ffa-lora", None, read_manifest(minilm_bundle))
+        check_strategy("ffa-lora", read_manifest(minilm_bundle))
     with pytest.raises(ValueError, match="--freeze-lora-a"):
-        check_strategy("svd-weighted", None, read_manifest(frozen_a_bundle))
+        check_strategy("svd-weighted", read_manifest(frozen_a_bundle))
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from aggregator.server_update import ServerOptimizer
 from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
@@ -89,10 +88,6 @@ def main(verbose: bool) -> None:
 @click.option("--data", type=click.Choice(DATA_SETS), default="rotten-tomatoes", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (replaced).")
 @click.option("--strategy", default="svd-weighted", show_default=True)
-@click.option("--server-lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="Server learning rate of a FedAvgM step on ΔW_g [default: no server rule].")
-@click.option("--server-momentum", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Server momentum of that step (η = 1 unless --server-lr).")
 @click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True)
@@ -112,7 +107,7 @@ def main(verbose: bool) -> None:
 @click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training examples.")
 @click.option("--broker", default=None, help="mqtt://host:port of a running broker [default: embedded].")
 @click.option("--plot/--no-plot", default=True, show_default=True)
-def run(bundle: Path | None, data: str, out: Path, strategy: str, server_lr: float | None, server_momentum: float | None, clients: int,
+def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
         seed: int, epochs: int, batch_size: int, lr: float, dtype: str, eval_samples: int, local_eval_every: int,
         pool_limit: int | None, broker: str | None, plot: bool) -> None:
@@ -122,8 +117,6 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, server_lr: flo
         alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
         training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant"), dtype=dtype,
         eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
-        server=None if server_lr is None and server_momentum is None
-        else ServerOptimizer(lr=server_lr or 1.0, momentum=server_momentum or 0.0),
     )
     summary = run_simulation(config)
     if plot:

@@ -142,14 +142,21 @@ def _run_grid(plan: Plan, bundle: Path, work: Path, resume: bool, run: bool) -> 
 
 
 def _finished(config: SimConfig) -> bool:
-    """Whether the run folder holds this config's finished run; a field added since ran at its default."""
+    """Whether the run folder holds this config's finished run.
+
+    A field added to SimConfig since the run was recorded counts at its default; a field removed
+    since counts only if it was unset (None).
+    """
     summary = config.out / "summary.json"
     if not summary.exists():
         return False
     recorded = json.loads(summary.read_text())["config"]
+    current = json.loads(json.dumps(config_record(config)))
     defaults = json.loads(json.dumps(config_record(SimConfig(bundle=config.bundle, out=config.out))))
-    added = {k: v for k, v in defaults.items() if k not in recorded}
-    return {**added, **recorded} == json.loads(json.dumps(config_record(config)))
+    if any(recorded[k] is not None for k in recorded.keys() - current.keys()):
+        return False
+    kept = {k: v for k, v in recorded.items() if k in current}
+    return {**{k: v for k, v in defaults.items() if k not in recorded}, **kept} == current
 
 
 def _rows(folder: Path) -> list[dict]:

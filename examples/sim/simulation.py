@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.broker import EmbeddedBroker
-from aggregator.server_update import ServerOptimizer
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
@@ -69,7 +68,6 @@ class SimConfig:
     broker_url: str | None = None
     rank_policy: RankPolicy | None = None
     round_timeout: float = 900.0
-    server: ServerOptimizer | None = None
     data: str = "rotten-tomatoes"
 
 
@@ -245,8 +243,8 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     federation = f"sim{config.seed}-{zlib.crc32(str(config.out).encode()):08x}"
     options = AggregatorOptions(
         federation=federation, rounds=config.rounds, state_dir=config.out / "state", fraction=config.fraction,
-        min_online=config.clients, round_timeout=config.round_timeout, strategy=config.strategy, server=config.server,
-        seed=config.seed, training=config.training, rank_policy=config.rank_policy or default_policy(bundle_ranks(config), clients),
+        min_online=config.clients, round_timeout=config.round_timeout, strategy=config.strategy, seed=config.seed,
+        training=config.training, rank_policy=config.rank_policy or default_policy(bundle_ranks(config), clients),
         dtype=config.dtype,
     )
     aggregator = Aggregator(config.bundle, settings, options, on_round=evaluator)
