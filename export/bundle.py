@@ -125,7 +125,8 @@ def _write_bundle(
         )
         sample = sample_inputs(loaded.task, loaded.config)
         graph = export_forward(loaded, sample, options.opset)
-        frozen = {init.name: numpy_helper.to_array(init) for init in frozen_initializers(graph, loaded.trainable + loaded.frozen_lora)}
+        frozen_inits = frozen_initializers(graph, loaded.trainable + loaded.frozen_lora)
+        frozen = {init.name: numpy_helper.to_array(init) for init in frozen_inits}
         if base is None:
             base, first = frozen, loaded
             save_file(base, str(work / BASE_WEIGHTS_FILE))

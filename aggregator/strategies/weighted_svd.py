@@ -64,7 +64,9 @@ def normalized(values: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     return safe / safe.sum(axis=-1, keepdims=True)
 
 
-def _norms(accepted: Sequence[ClientUpdate], scales: list[float], b: list[np.ndarray], a: list[np.ndarray]) -> np.ndarray:
+def _norms(
+    accepted: Sequence[ClientUpdate], scales: list[float], b: list[np.ndarray], a: list[np.ndarray]
+) -> np.ndarray:
     """‖s_i B_i A_i‖_F per (layer, client), one batched QR per rank instead of one per client."""
     norms = np.empty((b[0].shape[0], len(accepted)))
     by_rank: dict[int, list[int]] = defaultdict(list)

@@ -113,8 +113,8 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         pool_limit: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
-        bundle=_data_bundle(bundle, data), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction, rounds=rounds,
-        alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
+        bundle=_data_bundle(bundle, data), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
+        rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
         training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant"), dtype=dtype,
         eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
     )

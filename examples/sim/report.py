@@ -233,7 +233,8 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     return docs
 
 
-def _grid(plan: Plan, results: dict, ceiling: dict, heading: str = "## Strategies × partitions (float32, seed 0)") -> list[str]:
+def _grid(plan: Plan, results: dict, ceiling: dict,
+          heading: str = "## Strategies × partitions (float32, seed 0)") -> list[str]:
     lines = [heading, "",
              "| strategy | partition | final acc | last-3 mean | worst client | low/high tier | ranks | "
              "upload total | % of full FedAvg | wall |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -379,7 +380,8 @@ def _image_section(results: dict, ceiling: dict, planned: int, base: dict, folde
     lines += _grid(IMAGE, results, ceiling, "### Strategies × partitions (image, float32, seed 0)")
     lines += _seeds(IMAGE, results, "### Image")
     lines += _observations(IMAGE, results, "### What the image runs show")
-    runs = {s: results[f"{s}_alpha0.1_float32_s0"][1] for s in IMAGE.strategies if f"{s}_alpha0.1_float32_s0" in results}
+    runs = {s: results[f"{s}_alpha0.1_float32_s0"][1] for s in IMAGE.strategies
+            if f"{s}_alpha0.1_float32_s0" in results}
     if runs:
         figure = plots.accuracy_per_round(runs, "Image task: accuracy per round, Dirichlet α=0.1",
                                           folder / "image_accuracy_alpha0.1.png")
