@@ -332,8 +332,9 @@ def _observations(plan: Plan, results: dict, heading: str = "## What the runs sh
         lines.append(f"- α=0.1: {len(collapsed)} of {len(skewed)} runs end exactly at the majority-class share "
                      f"({majority:.3f}), where the global adapter predicts one class"
                      + (". Most α=0.1 clients hold a single class, and a local epoch on one class drives the "
-                        "shared head toward it; the merge rule cannot undo that (the independent reference run "
-                        "in the notes saw the same)." if collapsed else "."))
+                        "model toward it, with the head trained or frozen ([experiments.md](experiments.md)); "
+                        "neither the merge rule nor a server optimizer undid that here (the independent "
+                        "reference run in the notes saw the same)." if collapsed else "."))
     return lines + [""]
 
 
