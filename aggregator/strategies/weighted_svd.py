@@ -67,14 +67,15 @@ def normalized(values: np.ndarray, fallback: np.ndarray) -> np.ndarray:
 def _norms(
     accepted: Sequence[ClientUpdate], scales: list[float], b: list[np.ndarray], a: list[np.ndarray]
 ) -> np.ndarray:
-    """‖s_i B_i A_i‖_F per (layer, client), one batched QR per rank instead of one per client."""
+    """‖s_i B_i A_i‖_F per (layer, client), one batched QR per rank (one scaling s_r) instead of one per client."""
     norms = np.empty((b[0].shape[0], len(accepted)))
     by_rank: dict[int, list[int]] = defaultdict(list)
     for index, update in enumerate(accepted):
         by_rank[update.rank].append(index)
     for indices in by_rank.values():
-        stacked = product_norms(1.0, np.concatenate([b[i] for i in indices]), np.concatenate([a[i] for i in indices]))
-        norms[:, indices] = stacked.reshape(len(indices), -1).T * np.array([abs(scales[i]) for i in indices])
+        stacked = product_norms(scales[indices[0]], np.concatenate([b[i] for i in indices]),
+                                np.concatenate([a[i] for i in indices]))
+        norms[:, indices] = stacked.reshape(len(indices), -1).T
     return norms
 
 
