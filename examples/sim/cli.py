@@ -45,7 +45,7 @@ def _bundle(path: Path, *export_args: str) -> Path:
     try:
         read_manifest(path)
     except BundleError:
-        click.echo(f"exporting the default bundle to {path} ...")
+        click.echo(f"exporting a bundle to {path} ...")
         subprocess.run([sys.executable, "-m", "export.cli", "--out", str(path), "--force", *export_args], check=True)
     return path
 

@@ -58,12 +58,16 @@ def pretrain(out: Path, epochs: int = 3, batch_size: int = 128, lr: float = 1e-3
     result = {"base_accuracy": float((predicted == test_labels).float().mean()), "epochs": epochs,
               "seconds": round(time.perf_counter() - started, 1), "samples": len(images)}
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    model.save_pretrained(work)
-    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5], image_std=[0.5]).save_pretrained(work)
-    (work / PRETRAINING_FILE).write_text(json.dumps(result, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    try:
+        model.save_pretrained(work)
+        ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5], image_std=[0.5]).save_pretrained(work)
+        (work / PRETRAINING_FILE).write_text(json.dumps(result, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return result
 
 
