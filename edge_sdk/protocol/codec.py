@@ -196,9 +196,9 @@ def _parse_header(raw: bytes) -> dict:
 
 
 def _encode_tensor(key: str, value: np.ndarray, dtype: str, axis: int) -> dict[str, np.ndarray]:
-    value = np.asarray(value, dtype=np.float32)
+    value = np.ascontiguousarray(value, dtype=np.float32)
     if dtype == "float32" or (dtype == "int8" and value.ndim != 2):
-        return {key: np.ascontiguousarray(value)}
+        return {key: value}
     if dtype == "float16":
         return {key: value.astype(np.float16)}
     peak = np.max(np.abs(value), axis=1 - axis, keepdims=True)
