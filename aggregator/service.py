@@ -232,7 +232,7 @@ class Aggregator:
                    for layer, f in result.global_state.items() for part in ("U", "S", "V")}
         round_number = current.task.round
         self.store.save_globals(round_number, payloads, factors)
-        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(round_number))
+        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(round_number), self.bundle)
         record = self._metrics(current, payloads, merge_seconds)
         self.store.save_metrics(round_number, record)
         self.state.round, self.state.task = round_number + 1, None

@@ -7,13 +7,13 @@ values, in one contiguous buffer laid out in the training graph's parameter orde
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 
+from edge_sdk.files import sha256_file
 from edge_sdk.manifest import BundleError, Manifest, Tier, read_manifest
 from edge_sdk.ort_training import CheckpointState, Module, Optimizer, ort
 
@@ -44,15 +44,6 @@ class OpenedTier:
         lora = {name for pair in self.tier.lora_pairs for name in (pair.a, pair.b)}
         return {name: np.array(param.data) for name, param in self.state.parameters
                 if param.requires_grad or name in lora}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_weights_path(root: Path, manifest: Manifest, verify: bool = True) -> Path:

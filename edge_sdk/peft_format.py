@@ -13,25 +13,30 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from edge_sdk.adapter import Adapter, adapter_to_parameters
-from edge_sdk.manifest import Manifest
+from edge_sdk.files import sha256_file
+from edge_sdk.manifest import BundleError, Manifest
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
-def write_peft_adapter(adapter: Adapter, manifest: Manifest, folder: str | Path) -> Path:
+def write_peft_adapter(adapter: Adapter, manifest: Manifest, folder: str | Path, bundle: str | Path | None = None) -> Path:
     """Write `adapter` to `folder` atomically (an existing folder is replaced only once the new one is complete).
 
     Include the head in `adapter` when the bundle trains it, or the loaded model keeps the base
-    model's head.
+    model's head. A `--svd-init` (FeDeRA) bundle needs its folder `bundle`: see `_onto_original_base`.
     """
     target = Path(folder)
     values = adapter_to_parameters(manifest, adapter)
-    tensors = {manifest.peft_keys[name]: np.ascontiguousarray(value, dtype=np.float32) for name, value in values.items()}
     config = {**manifest.peft_config, "r": adapter.rank, "inference_mode": True}
+    if manifest.lora.get("svd_init"):
+        if bundle is None:
+            raise BundleError("This bundle was exported with --svd-init; pass its folder (bundle=) to write a peft adapter.")
+        values, config = _onto_original_base(values, config, manifest, Path(bundle))
+    tensors = {manifest.peft_keys[name]: np.ascontiguousarray(value, dtype=np.float32) for name, value in values.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -42,6 +47,28 @@ def write_peft_adapter(adapter: Adapter, manifest: Manifest, folder: str | Path)
         shutil.rmtree(work, ignore_errors=True)
         raise
     return target
+
+
+def _onto_original_base(values: dict[str, np.ndarray], config: dict, manifest: Manifest,
+                        bundle: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Re-express an adapter over the residual base as a peft adapter over the original weights.
+
+    The bundle's base is W − P (P: the principal part, saved at export), so the original-base update
+    is s·B·A − P = s·[B, −P_B/s]·[A; P_A]: rank r + prefix at the same scaling, as peft converts PiSSA.
+    """
+    init = manifest.lora["svd_init"]
+    path = bundle / init["file"]
+    if not path.is_file() or sha256_file(path) != init["sha256"]:
+        raise BundleError(f"{path} is missing or does not match the manifest; re-export the bundle.")
+    principal = load_file(str(path))
+    out = dict(values)
+    pairs = manifest.tier(config["r"]).lora_pairs
+    for pair in pairs:
+        part_a, part_b = principal[f"{pair.layer}.A"], principal[f"{pair.layer}.B"]
+        out[pair.a] = np.concatenate([values[pair.a], part_a])
+        out[pair.b] = np.concatenate([values[pair.b], -part_b / pair.scaling], axis=1)
+    rank = config["r"] + init["prefix_rank"]
+    return out, {**config, "r": rank, "lora_alpha": pairs[0].scaling * rank}
 
 
 def _swap_in(work: Path, target: Path) -> None:

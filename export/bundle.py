@@ -19,7 +19,8 @@ import torch
 from onnx import numpy_helper
 from safetensors.numpy import save_file
 
-from edge_sdk.bundle import open_tier, sha256_file
+from edge_sdk.bundle import open_tier
+from edge_sdk.files import sha256_file
 from edge_sdk.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, Manifest, TensorSpec, Tier
 from export import __version__
 from export.errors import ExportError
@@ -30,6 +31,7 @@ from export.model import (
 
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
+PRINCIPAL_FILE = "svd_init.safetensors"
 PARITY_TOLERANCE = 1e-4
 MAX_IR_VERSION = 10
 IGNORE_INDEX = -100
@@ -49,6 +51,7 @@ class ExportOptions:
     max_seq_len: int = 128
     opset: int = 17
     freeze_lora_a: bool = False
+    svd_init: bool = False
 
 
 def export_bundle(
@@ -86,6 +89,8 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError("causal-lm trains LoRA only: the LM head is tied to the embeddings. Pass --no-train-head.")
     if options.max_seq_len <= 0:
         raise ExportError("--max-seq-len must be positive.")
+    if options.svd_init and options.freeze_lora_a:
+        raise ExportError("--svd-init and --freeze-lora-a both set LoRA A; choose one.")
 
 
 def _replace(work: Path, out: Path) -> None:
@@ -122,6 +127,7 @@ def _write_bundle(
             options.train_head,
             options.num_labels,
             shared_a_rank=max(options.ranks) if options.freeze_lora_a else None,
+            svd_prefix=min(options.ranks) if options.svd_init else None,
         )
         sample = sample_inputs(loaded.task, loaded.config)
         graph = export_forward(loaded, sample, options.opset)
@@ -139,6 +145,7 @@ def _write_bundle(
             on_tier(rank)
     assert first is not None and base is not None
     tokenizer = _write_tokenizer(work, model_dir, options.task)
+    svd_init = _write_principal(work, first, min(options.ranks)) if options.svd_init else None
     manifest = Manifest(
         format=FORMAT,
         format_version=FORMAT_VERSION,
@@ -158,6 +165,7 @@ def _write_bundle(
             "train_head": options.train_head,
             "ignore_index": IGNORE_INDEX,
             "frozen_a_seed": SHARED_A_SEED if options.freeze_lora_a else None,
+            "svd_init": svd_init,
         },
         base_weights={
             "file": BASE_WEIGHTS_FILE,
@@ -176,6 +184,18 @@ def _write_bundle(
     manifest = replace(manifest, tiers=checked)
     (work / MANIFEST_FILE).write_text(manifest.to_json())
     return manifest
+
+
+def _write_principal(work: Path, loaded: LoadedModel, prefix: int) -> dict:
+    """Save the principal parts moved out of the base by --svd-init, so adapters convert back to the original base.
+
+    Column slices are strided; safetensors.numpy writes a strided array's memory, not its values.
+    """
+    tensors = {f"{layer}.{part}": np.ascontiguousarray(value.numpy()) for layer, parts in loaded.principal.items()
+               for part, value in parts.items()}
+    save_file(tensors, str(work / PRINCIPAL_FILE))
+    return {"method": "federa", "prefix_rank": prefix, "file": PRINCIPAL_FILE,
+            "sha256": sha256_file(work / PRINCIPAL_FILE)}
 
 
 def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray], rank: int) -> None:

@@ -47,10 +47,14 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--freeze-lora-a", is_flag=True,
               help="Freeze every LoRA A at one seeded draw shared by all tiers (tier r: its first r rows); "
                    "devices train B (+ head) only. Needed by the ffa-lora strategy.")
+@click.option("--svd-init", is_flag=True,
+              help="FeDeRA: initialize LoRA from the top singular vectors of each pretrained weight; the top "
+                   "(smallest tier) part moves from the base into the adapter, so every tier starts at the "
+                   "pretrained model over one shared base.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
-         force: bool) -> None:
+         svd_init: bool, force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.bundle import ExportOptions, export_bundle
@@ -69,6 +73,7 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
         max_seq_len=max_seq_len,
         opset=opset,
         freeze_lora_a=freeze_lora_a,
+        svd_init=svd_init,
     )
     start = time.perf_counter()
     try:

@@ -87,6 +87,7 @@ class LoadedModel:
     peft_config: dict
     lora_pairs: list[dict] = field(default_factory=list)
     frozen_lora: list[str] = field(default_factory=list)
+    principal: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class ForwardWrapper(nn.Module):
@@ -139,12 +140,14 @@ def load_lora_model(
     num_labels: int | None,
     dropout: float = 0.0,
     shared_a_rank: int | None = None,
+    svd_prefix: int | None = None,
 ) -> LoadedModel:
     """Load the base model in float32 eager attention and inject a LoRA adapter of `rank`.
 
     `target_modules` None picks the attention query/value projections under their usual names.
     `shared_a_rank` freezes every lora_A at the first `rank` rows of one seeded draw of that many
-    rows (ffa-lora), so all tiers share a prefix of the same A.
+    rows (ffa-lora), so all tiers share a prefix of the same A. `svd_prefix` initializes LoRA from
+    the pretrained weights' SVD (FeDeRA, see `_init_from_svd`).
     """
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -191,6 +194,7 @@ def load_lora_model(
             param.requires_grad = "lora_" in name
     if shared_a_rank is not None:
         _freeze_shared_a(peft_model, shared_a_rank)
+    principal = _init_from_svd(peft_model, svd_prefix) if svd_prefix is not None else {}
     peft_model.eval()
     wrapper = ForwardWrapper(peft_model.base_model.model, task).eval()
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -206,6 +210,7 @@ def load_lora_model(
         peft_config=_adapter_config(peft_model),
         lora_pairs=_lora_pairs(peft_model),
         frozen_lora=[onnx_name(n) for n, p in peft_model.named_parameters() if "lora_" in n and not p.requires_grad],
+        principal=principal,
     )
 
 
@@ -278,6 +283,38 @@ def _freeze_shared_a(peft_model: nn.Module, top: int) -> None:
         with torch.no_grad():
             weight.copy_(shared[: weight.shape[0]])
         weight.requires_grad = False
+
+
+def _init_from_svd(peft_model: nn.Module, prefix: int) -> dict[str, dict[str, torch.Tensor]]:
+    """FeDeRA init: A, B from each target W's top-r singular triplets; the top `prefix` are moved out of W.
+
+    With W = U·S·Vᵀ, A = √S_r·V_rᵀ/√s and B = U_r·√S_r/√s with columns past `prefix` zeroed, so
+    scaling·B·A equals the top-`prefix` part P of W, and W is replaced by the residual W − P. Every
+    tier (r ≥ prefix) then starts at the pretrained function over one shared residual base, and
+    its extra A rows hold the next principal directions. Returns layer → P's factors (U·√S, √S·Vᵀ).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    principal: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+            continue
+        a, b = module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight
+        rank, scaling = a.shape[0], float(module.scaling[ADAPTER_NAME])
+        if rank < prefix:
+            raise ExportError(f"Tier rank {rank} is below the SVD init's shared prefix {prefix}.")
+        weight = module.get_base_layer().weight
+        u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        left, right = u[:, :rank] * root, root[:, None] * vh[:rank]
+        with torch.no_grad():
+            a.copy_(right / math.sqrt(scaling))
+            b.copy_(left / math.sqrt(scaling))
+            b[:, prefix:] = 0.0
+            weight.copy_(weight.double() - left[:, :prefix] @ right[:prefix])
+        layer = onnx_name(name + ".x")[: -len(".x")]
+        principal[layer] = {"B": left[:, :prefix].float(), "A": right[:prefix].float()}
+    return principal
 
 
 def _lora_pairs(peft_model: nn.Module) -> list[dict]:

@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from edge_sdk.bundle import open_tier, sha256_file
+from edge_sdk.bundle import open_tier
+from edge_sdk.files import sha256_file
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.encoders import TextEncoder
 from edge_sdk.manifest import read_manifest
