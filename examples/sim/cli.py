@@ -14,7 +14,7 @@ from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
 from examples.sim import plots
-from examples.sim.report import FULL, QUICK, frozen_a_bundle, image_base, run_report
+from examples.sim.report import FULL, QUICK, VARIANTS, image_base, run_report, variant_bundle
 from examples.sim.simulation import DATA_SETS, SimConfig, run_simulation
 
 DEFAULT_BUNDLE = "runs/bundle"
@@ -143,8 +143,8 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool
     image = None if quick else Path(DEFAULT_IMAGE_BUNDLE)
     if not render_only:
         _bundle(bundle)
-        if "ffa-lora" in plan.strategies:
-            _bundle(frozen_a_bundle(bundle), "--freeze-lora-a")
+        for row in (r for r in plan.strategies if r in VARIANTS):
+            _bundle(variant_bundle(bundle, row), VARIANTS[row][2])
         if image is not None:
             _image_bundle(image)
     path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only, image_bundle=image)

@@ -52,7 +52,7 @@ class Plan:
 
 TRAINING = TrainingConfig(epochs=1, batch_size=16, lr=2e-3, schedule="constant")
 FULL = Plan(clients=100, fraction=0.1, rounds=10, eval_samples=500, pool_limit=None,
-            strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora", "ffa-lora"),
+            strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora", "ffa-lora", "federa"),
             partitions=("alpha0.1", "alpha1.0", "iid"), seeds=(0, 1, 2), dtypes=("float16", "int8"),
             centralized_epochs=1, training=TRAINING)
 QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=2000,
@@ -61,7 +61,7 @@ QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=20
              training=TrainingConfig(steps=25, batch_size=16, lr=2e-3, schedule="constant"))
 IMAGE = replace(FULL, strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora"), dtypes=(),
                 data="fashion-mnist-5-9", ceiling_lr=3e-3)
-"""The image task at the text grid's scale (ffa-lora and the dtypes are measured on text only)."""
+"""The image task at the text grid's scale (ffa-lora, FeDeRA and the dtypes are measured on text only)."""
 IMAGE_WORK = "fmnist"
 """The image runs' folder under the report's work folder."""
 
@@ -71,15 +71,26 @@ def image_base(image_bundle: Path) -> Path:
     return image_bundle.with_name("vit-fmnist-0-4")
 
 
-def frozen_a_bundle(bundle: Path) -> Path:
-    """Where the ffa-lora runs' bundle (the same export with --freeze-lora-a) sits, beside `bundle`."""
-    return bundle.with_name(bundle.name + "-frozen-a")
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    "ffa-lora": ("ffa-lora", "-frozen-a", "--freeze-lora-a"),
+    "federa": ("svd-weighted", "-svd-init", "--svd-init"),
+}
+"""Report rows that need their own export: row → (strategy, bundle folder suffix, fedpeft-export flag)."""
+
+
+LABELS = {"federa": "FeDeRA (svd-weighted)"}
+"""Table names of report rows that are not a strategy's own name."""
+
+
+def variant_bundle(bundle: Path, row: str) -> Path:
+    """The bundle a report row runs on: `bundle`, or its variant export beside it (see VARIANTS)."""
+    return bundle.with_name(bundle.name + VARIANTS[row][1]) if row in VARIANTS else bundle
 
 
 def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
     """Grid (strategies × partitions, seed 0), extra seeds for the headline pair at α=0.1, dtypes of the default.
 
-    ffa-lora runs on the frozen-A export of the same model (`frozen_a_bundle`).
+    ffa-lora and FeDeRA run on their own exports of the same model (`VARIANTS`); FeDeRA merges with svd-weighted.
     """
     base = SimConfig(bundle=bundle, out=work, data=plan.data, clients=plan.clients, fraction=plan.fraction,
                      rounds=plan.rounds, size_skew=plan.size_skew, dropout=plan.dropout, training=plan.training,
@@ -88,8 +99,8 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
     for strategy in plan.strategies:
         for part in plan.partitions:
             for seed in (plan.seeds if strategy in HEADLINE and part == "alpha0.1" else plan.seeds[:1]):
-                runs.append(replace(base, strategy=strategy, alpha=PARTITIONS[part], seed=seed,
-                                    bundle=frozen_a_bundle(bundle) if strategy == "ffa-lora" else bundle,
+                runs.append(replace(base, strategy=VARIANTS.get(strategy, (strategy,))[0], alpha=PARTITIONS[part],
+                                    seed=seed, bundle=variant_bundle(bundle, strategy),
                                     out=work / f"{strategy}_{part}_float32_s{seed}"))
     for dtype in plan.dtypes:
         runs.append(replace(base, alpha=0.1, dtype=dtype, out=work / f"svd-weighted_alpha0.1_{dtype}_s0"))
@@ -198,7 +209,12 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "aggregator accepted; full-model FedAvg bytes are 2 × 22.7M float32 parameters per participant.",
         "- Scaled down from the proposal (compute budget of ~2 h on 2 cores): "
         f"{plan.rounds} rounds instead of 50–100, one seed for the non-headline rows"
-        + ("; ffa-lora and the codec dtypes on text only." if image else "; text only."),
+        + ("; ffa-lora, FeDeRA and the codec dtypes on text only." if image else "; text only."),
+        "- FeDeRA row: the `--svd-init` export (LoRA A, B from each query/value weight's top singular "
+        "vectors) merged with svd-weighted. Adapted to mixed ranks over one shared base: the top-2 (smallest "
+        "tier) part of W moves into the adapter and every tier starts at the pretrained model; a tier's "
+        "further A rows hold the next singular directions with B zero there. ffa-lora trains B alone on "
+        "a frozen shared A (`--freeze-lora-a`).",
         "",
         "## Ceiling",
         "",
@@ -220,8 +236,7 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "",
         "- FedAvg with full fine-tuning: bytes are computed from the manifest (every row's ratio); its "
         "accuracy is not measured (the protocol carries adapters only).",
-        "- FeDeRA (SVD-initialized LoRA) and FLoRA (folds updates into the frozen base, which the devices "
-        "cannot change): not run.",
+        "- FLoRA (folds updates into the frozen base, which the devices cannot change): not run.",
         "- ffa-lora uploads its frozen A with B (the codec carries both factors and the strategy checks A), so "
         "its bytes equal the others'; sending B alone would halve them.",
         "",
@@ -241,15 +256,15 @@ def _grid(plan: Plan, results: dict, ceiling: dict,
              "upload total | % of full FedAvg | wall |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for part in plan.partitions:
         for strategy in plan.strategies:
-            key = f"{strategy}_{part}_float32_s0"
+            key, label = f"{strategy}_{part}_float32_s0", LABELS.get(strategy, strategy)
             if key not in results:
-                lines.append(f"| {strategy} | {PARTITION_NAMES[part]} | not run | | | | | | | |")
+                lines.append(f"| {label} | {PARTITION_NAMES[part]} | not run | | | | | | | |")
                 continue
             s, _ = results[key]
             ranks = " ".join(f"{r}:{n}" for r, n in s["ranks"].items())
             ratio = "–" if s["low_high_ratio"] is None else f"{s['low_high_ratio']:.2f}"
             lines.append(
-                f"| {strategy} | {PARTITION_NAMES[part]} | {s['final_accuracy']:.3f} | {s['accuracy_last3']:.3f} | "
+                f"| {label} | {PARTITION_NAMES[part]} | {s['final_accuracy']:.3f} | {s['accuracy_last3']:.3f} | "
                 f"{s['worst_client_accuracy']:.2f} | {ratio} | {ranks} | {s['bytes_up'] / 1e6:.1f} MB | "
                 f"{100 * s['up_ratio_to_full_fedavg']:.3f}% | {s['wall_seconds'] / 60:.1f} min |")
     return lines + ["", "Final acc: the global adapter at r=16 on the whole central test split after the last "
