@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 
 from aggregator.round_merge import check_strategy, merge_round
 from aggregator.state import StateDir
-from aggregator.strategies.full_fedavg import full_fedavg_round_bytes, model_parameters
+from aggregator.strategies.full_fedavg import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.adapter import Adapter
 from edge_sdk.manifest import bundle_id, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
@@ -274,6 +274,7 @@ class Aggregator:
             "ranks": ranks, "samples": total,
             "bytes_in": current.bytes_in, "bytes_accepted": sum(current.accepted_bytes.values()), "bytes_out": down,
             "full_fedavg_bytes": full_fedavg_round_bytes(model_parameters(self.manifest), len(participants)),
+            "full_fedavg_bytes_up": full_fedavg_upload_bytes(model_parameters(self.manifest), len(participants)),
             "merge_seconds": round(merge_seconds, 4), "round_seconds": round(time.monotonic() - current.opened, 3),
             **client_metrics,
         }

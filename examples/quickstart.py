@@ -101,7 +101,7 @@ def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None
                      "bytes_up": record["bytes_accepted"]})
         tiers = ", ".join(f"{c.split('-')[0]} r={r}" for c, r in sorted(record["ranks"].items()))
         click.echo(f"{record['round']:>5} {tiers:<34} {record['bytes_accepted'] / 1e3:>10.0f} "
-                   f"{record['bytes_accepted'] / record['full_fedavg_bytes']:>14.3%} "
+                   f"{record['bytes_accepted'] / record['full_fedavg_bytes_up']:>14.3%} "
                    f"{rows[-1]['central_accuracy']:>14.3f}")
     click.echo(f"Accuracy on {len(test)} held-out reviews. Plots: "
                f"{plots.accuracy_per_round({'svd-weighted': rows}, 'Demo federation', folder / 'accuracy.png')}, "
