@@ -29,6 +29,8 @@ def write_peft_adapter(adapter: Adapter, manifest: Manifest, folder: str | Path,
     Include the head in `adapter` when the bundle trains it, or the loaded model keeps the base
     model's head. A `--svd-init` (FeDeRA) bundle needs its folder `bundle`: see `_onto_original_base`.
     """
+    if manifest.lora.get("full_finetune"):
+        raise BundleError("A --full-finetune bundle trains the model's own weights, which a peft adapter cannot hold.")
     target = Path(folder)
     values = adapter_to_parameters(manifest, adapter)
     config = {**manifest.peft_config, "r": adapter.rank, "inference_mode": True}

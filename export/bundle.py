@@ -52,6 +52,7 @@ class ExportOptions:
     opset: int = 17
     freeze_lora_a: bool = False
     svd_init: bool = False
+    full_finetune: bool = False
 
 
 def export_bundle(
@@ -91,6 +92,8 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError("--max-seq-len must be positive.")
     if options.svd_init and options.freeze_lora_a:
         raise ExportError("--svd-init and --freeze-lora-a both set LoRA A; choose one.")
+    if options.full_finetune and (options.svd_init or options.freeze_lora_a):
+        raise ExportError("--full-finetune trains the weights themselves; it takes no LoRA init option.")
 
 
 def _replace(work: Path, out: Path) -> None:
@@ -128,6 +131,7 @@ def _write_bundle(
             options.num_labels,
             shared_a_rank=max(options.ranks) if options.freeze_lora_a else None,
             svd_prefix=min(options.ranks) if options.svd_init else None,
+            train_all=options.full_finetune,
         )
         sample = sample_inputs(loaded.task, loaded.config)
         graph = export_forward(loaded, sample, options.opset)
@@ -166,6 +170,7 @@ def _write_bundle(
             "ignore_index": IGNORE_INDEX,
             "frozen_a_seed": SHARED_A_SEED if options.freeze_lora_a else None,
             "svd_init": svd_init,
+            "full_finetune": options.full_finetune,
         },
         base_weights={
             "file": BASE_WEIGHTS_FILE,

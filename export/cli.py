@@ -51,10 +51,13 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
               help="FeDeRA: initialize LoRA from the top singular vectors of each pretrained weight; the top "
                    "(smallest tier) part moves from the base into the adapter, so every tier starts at the "
                    "pretrained model over one shared base.")
+@click.option("--full-finetune", is_flag=True,
+              help="Baseline: every model weight trainable (listed as the head), LoRA frozen at zero. For the "
+                   "full-FedAvg accuracy reference; the federation protocol refuses it (adapters only).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
-         svd_init: bool, force: bool) -> None:
+         svd_init: bool, full_finetune: bool, force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.bundle import ExportOptions, export_bundle
@@ -74,6 +77,7 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
         opset=opset,
         freeze_lora_a=freeze_lora_a,
         svd_init=svd_init,
+        full_finetune=full_finetune,
     )
     start = time.perf_counter()
     try:

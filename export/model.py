@@ -141,13 +141,15 @@ def load_lora_model(
     dropout: float = 0.0,
     shared_a_rank: int | None = None,
     svd_prefix: int | None = None,
+    train_all: bool = False,
 ) -> LoadedModel:
     """Load the base model in float32 eager attention and inject a LoRA adapter of `rank`.
 
     `target_modules` None picks the attention query/value projections under their usual names.
     `shared_a_rank` freezes every lora_A at the first `rank` rows of one seeded draw of that many
     rows (ffa-lora), so all tiers share a prefix of the same A. `svd_prefix` initializes LoRA from
-    the pretrained weights' SVD (FeDeRA, see `_init_from_svd`).
+    the pretrained weights' SVD (FeDeRA, see `_init_from_svd`). `train_all` makes every model weight
+    trainable and freezes the LoRA factors at their zero-B start: full fine-tuning, for the baseline.
     """
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -175,6 +177,7 @@ def load_lora_model(
     base.eval()
     target_modules = _resolve_targets(base, target_modules)
     head = [name for name in task.head_modules if hasattr(base, name)]
+    train_head = train_head and not train_all
     if train_head and not head:
         raise ExportError(f"--train-head: this {task.name} model has no head module among {task.head_modules}.")
     config = LoraConfig(
@@ -191,7 +194,7 @@ def load_lora_model(
         peft_model = get_peft_model(base, config)
     if not train_head:
         for name, param in peft_model.named_parameters():
-            param.requires_grad = "lora_" in name
+            param.requires_grad = ("lora_" in name) != train_all
     if shared_a_rank is not None:
         _freeze_shared_a(peft_model, shared_a_rank)
     principal = _init_from_svd(peft_model, svd_prefix) if svd_prefix is not None else {}
@@ -206,7 +209,7 @@ def load_lora_model(
         target_modules=target_modules,
         trainable=[onnx_name(n) for n in trainable],
         trainable_shapes={onnx_name(n): list(p.shape) for n, p in peft_model.named_parameters() if p.requires_grad},
-        peft_keys=_peft_keys(peft_model),
+        peft_keys=_peft_keys(peft_model, strict=not train_all),
         peft_config=_adapter_config(peft_model),
         lora_pairs=_lora_pairs(peft_model),
         frozen_lora=[onnx_name(n) for n, p in peft_model.named_parameters() if "lora_" in n and not p.requires_grad],
@@ -251,8 +254,11 @@ def _resolve_targets(base: nn.Module, target_modules: list[str] | str | None) ->
     return list(target_modules)
 
 
-def _peft_keys(peft_model: nn.Module) -> dict[str, str]:
-    """Map ONNX parameter names to the keys peft writes in adapter_model.safetensors (matched by storage)."""
+def _peft_keys(peft_model: nn.Module, strict: bool = True) -> dict[str, str]:
+    """Map ONNX parameter names to the keys peft writes in adapter_model.safetensors (matched by storage).
+
+    `strict` requires a key for every trainable parameter; full fine-tuning trains weights peft never saves.
+    """
     from peft import get_peft_model_state_dict
 
     by_ptr = {p.data_ptr(): n for n, p in peft_model.named_parameters() if p.requires_grad or "lora_" in n}
@@ -262,7 +268,7 @@ def _peft_keys(peft_model: nn.Module) -> dict[str, str]:
         if name is not None:
             mapping[onnx_name(name)] = key
     missing = [onnx_name(n) for n in by_ptr.values() if onnx_name(n) not in mapping]
-    if missing:
+    if missing and strict:
         raise ExportError(f"No peft adapter key for trainable parameters {missing}.")
     return mapping
 

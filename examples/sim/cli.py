@@ -144,7 +144,7 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool
     if not render_only:
         _bundle(bundle)
         for row in (r for r in plan.strategies if r in VARIANTS):
-            _bundle(variant_bundle(bundle, row), VARIANTS[row][2])
+            _bundle(variant_bundle(bundle, row), *VARIANTS[row].export_args)
         if image is not None:
             _image_bundle(image)
     path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only, image_bundle=image)

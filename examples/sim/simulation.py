@@ -152,7 +152,8 @@ class Evaluator:
             central = trainer.evaluate(self.central)
         self._append({"round": 0, "strategy": self.config.strategy, "central_accuracy": central.accuracy,
                       "central_macro_f1": central.macro_f1, "central_samples": central.samples, "eval_rank": top,
-                      "bytes_up": 0, "bytes_down": 0, "full_fedavg_bytes": 0, "energy_joules": 0.0})
+                      "bytes_up": 0, "bytes_down": 0, "full_fedavg_bytes": 0, "full_fedavg_bytes_up": 0,
+                      "energy_joules": 0.0})
 
     def __call__(self, record: dict) -> None:
         round_number = record["round"]
@@ -185,6 +186,7 @@ class Evaluator:
             "participants": len(record["participants"]), "dropouts": len(record["dropouts"]),
             "ranks": sorted(record["ranks"].values()), "bytes_up": record["bytes_accepted"],
             "bytes_down": record["bytes_out"], "full_fedavg_bytes": record["full_fedavg_bytes"],
+            "full_fedavg_bytes_up": record["full_fedavg_bytes_up"],
             "round_seconds": record["round_seconds"], "merge_seconds": record["merge_seconds"],
         }
 
@@ -231,12 +233,12 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     started = time.perf_counter()
     data, central_test = load_data(config.data)
     if config.pool_limit is not None:
-        data = _subset(data, config.pool_limit)
+        data = subset(data, config.pool_limit)
     clients, split = split_clients(config, data)
     (config.out / "partition.json").write_text(json.dumps(split, indent=1))
-    subset = central_test if config.eval_samples is None else _subset(central_test, config.eval_samples)
+    central = central_test if config.eval_samples is None else subset(central_test, config.eval_samples)
     pool = pool or TrainerPool(config.bundle)
-    evaluator = Evaluator(config, pool, subset, central_test, clients, config.out / "metrics.jsonl")
+    evaluator = Evaluator(config, pool, central, central_test, clients, config.out / "metrics.jsonl")
     evaluator.baseline()
     broker = None if config.broker_url else EmbeddedBroker().start()
     settings = broker.settings if broker else BrokerSettings.from_url(config.broker_url)
@@ -256,7 +258,7 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
         for c in clients:
             device = FederatedClient(
                 config.bundle, settings, federation, c.train, client_id=c.client_id, preset=c.preset,
-                state_dir=config.out / "clients", trainers=pool, available=_availability(config, c.client_id),
+                state_dir=config.out / "clients", trainers=pool, available=availability(config, c.client_id),
             )
             device.start()
             c.rank = device.rank
@@ -299,11 +301,16 @@ def default_policy(ranks: list[int], clients: list[SimClient]) -> RankPolicy:
 
 
 def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], seconds: float) -> dict:
-    """The run's headline figures: final accuracies, tier ratio, bytes and their ratio to full FedAvg."""
+    """The run's headline figures: final accuracies, tier ratio, bytes and their ratio to full FedAvg.
+
+    The upload ratio compares like with like: what the participants uploaded over what they would
+    upload in full-model FedAvg; the total ratio adds the downloads on both sides.
+    """
     last, rounds = rows[-1], [r for r in rows if r["round"] > 0]
     by_tier = last["local_accuracy_by_tier"]
     up = sum(r["bytes_up"] for r in rows)
-    full = sum(r["full_fedavg_bytes"] for r in rows)
+    full, full_up = sum(r["full_fedavg_bytes"] for r in rows), sum(r["full_fedavg_bytes_up"] for r in rows)
+    down = sum(r["bytes_down"] for r in rows)
     return {
         "config": config_record(config),
         "rounds": len(rounds), "initial_accuracy": rows[0]["central_accuracy"] if rows[0]["round"] == 0 else None,
@@ -312,8 +319,9 @@ def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], sec
         "worst_client_accuracy": last["local_accuracy_worst"], "local_accuracy_mean": last["local_accuracy_mean"],
         "low_high_ratio": by_tier["low"] / by_tier["high"] if by_tier.get("low") and by_tier.get("high") else None,
         "central_accuracy_by_rank": last["central_accuracy_by_rank"], "local_accuracy_by_tier": by_tier,
-        "bytes_up": up, "bytes_down": sum(r["bytes_down"] for r in rows), "full_fedavg_bytes": full,
-        "up_ratio_to_full_fedavg": up / full, "bytes_up_per_round": up / len(rounds),
+        "bytes_up": up, "bytes_down": down, "full_fedavg_bytes": full,
+        "up_ratio_to_full_fedavg": up / full_up, "total_ratio_to_full_fedavg": (up + down) / full,
+        "bytes_up_per_round": up / len(rounds),
         "energy_joules": sum(r["energy_joules"] for r in rows),
         "ranks": dict(sorted(Counter(c.rank for c in clients).items())), "wall_seconds": round(seconds, 1),
     }
@@ -324,14 +332,14 @@ def config_record(config: SimConfig) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "rank_policy"}
 
 
-def _subset(examples: list[Example], count: int) -> list[Example]:
+def subset(examples: list[Example], count: int) -> list[Example]:
     """A fixed stratified subset (the same for every run), for the cheaper per-round evaluation."""
     if count >= len(examples):
         return examples
     return stratified_split(examples, test_fraction=count / len(examples), seed=1)[1]
 
 
-def _availability(config: SimConfig, client_id: str):
+def availability(config: SimConfig, client_id: str):
     """Seeded per (run, client, round): whether the device takes part when sampled."""
     if config.dropout <= 0:
         return None
@@ -354,7 +362,7 @@ def centralized(bundle: Path, rank: int, epochs: int, lr: float, batch_size: int
     """The ceiling: one device training tier `rank` on the pooled training data (same split as the runs)."""
     data, central_test = load_data(data_set)
     if limit is not None:
-        data = _subset(data, limit)
+        data = subset(data, limit)
     trainer = Trainer(bundle, rank)
     fit = trainer.fit(data, epochs=epochs, batch_size=batch_size, lr=lr, schedule="linear", seed=seed)
     result = trainer.evaluate(central_test)
