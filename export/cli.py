@@ -52,8 +52,9 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "(smallest tier) part moves from the base into the adapter, so every tier starts at the "
                    "pretrained model over one shared base.")
 @click.option("--full-finetune", is_flag=True,
-              help="Baseline: every model weight trainable (listed as the head), LoRA frozen at zero. For the "
-                   "full-FedAvg accuracy reference; the federation protocol refuses it (adapters only).")
+              help="Baseline: every model weight but the embedding tables trainable (listed as the head), "
+                   "LoRA frozen at zero. For the full-FedAvg accuracy reference; the federation protocol "
+                   "refuses it (adapters only).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,

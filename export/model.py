@@ -149,7 +149,9 @@ def load_lora_model(
     `shared_a_rank` freezes every lora_A at the first `rank` rows of one seeded draw of that many
     rows (ffa-lora), so all tiers share a prefix of the same A. `svd_prefix` initializes LoRA from
     the pretrained weights' SVD (FeDeRA, see `_init_from_svd`). `train_all` makes every model weight
-    trainable and freezes the LoRA factors at their zero-B start: full fine-tuning, for the baseline.
+    but the embedding tables trainable and freezes the LoRA factors at their zero-B start: full
+    fine-tuning, for the baseline. The embeddings stay frozen because onnxruntime-training 1.19's
+    CPU embedding gradient (GatherGrad) segfaulted in long federated runs.
     """
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -195,6 +197,10 @@ def load_lora_model(
     if not train_head:
         for name, param in peft_model.named_parameters():
             param.requires_grad = ("lora_" in name) != train_all
+    if train_all:
+        for module in peft_model.modules():
+            if isinstance(module, nn.Embedding):
+                module.weight.requires_grad = False
     if shared_a_rank is not None:
         _freeze_shared_a(peft_model, shared_a_rank)
     principal = _init_from_svd(peft_model, svd_prefix) if svd_prefix is not None else {}

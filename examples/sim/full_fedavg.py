@@ -1,9 +1,10 @@
 """FedAvg with full fine-tuning: the accuracy baseline that LoRA federations are compared with.
 
-Every model weight trains on each device (a `fedpeft-export --full-finetune` bundle, trained by
-the SDK's onnxruntime `Trainer`) and the server averages all weights by sample count. It runs in
-one process, without the MQTT protocol, which carries adapters only: each upload would be the
-whole model (91 MB for MiniLM). Bytes are counted as float32 weights, as full FedAvg sends them.
+Every model weight but the embedding tables trains on each device (a `fedpeft-export
+--full-finetune` bundle, trained by the SDK's onnxruntime `Trainer`) and the server averages
+them by sample count. It runs in one process, without the MQTT protocol, which carries adapters
+only: each upload would be 43 MB for MiniLM. Bytes count the trained weights in float32; the
+reference is full FedAvg of every weight, as for the LoRA runs.
 Data, partition, device presets, sampling fraction, dropouts and local training follow the
 `SimConfig`, as in `run_simulation`.
 """
@@ -18,7 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from aggregator.strategies.full_fedavg import BYTES_PER_FLOAT32
+from aggregator.strategies.full_fedavg import BYTES_PER_FLOAT32, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.manifest import read_manifest
 from edge_sdk.profile import PRESETS
 from edge_sdk.trainer import EvalReport, Trainer
@@ -48,7 +49,8 @@ def run_full_fedavg(config: SimConfig) -> dict:
     trainer = Trainer(config.bundle, min(manifest.ranks))
     weights = trainer.state()
     model_bytes = BYTES_PER_FLOAT32 * sum(v.size for name, v in weights.items() if name in manifest.head_shapes)
-    rows = [_row(0, trainer.evaluate(central), 0, 0.0, [])]
+    reference = model_parameters(manifest)
+    rows = [_row(0, trainer.evaluate(central), 0, 0, 0.0, [])]
     training = config.training
     for round_number in range(1, config.rounds + 1):
         round_started = time.perf_counter()
@@ -71,8 +73,8 @@ def run_full_fedavg(config: SimConfig) -> dict:
             weights = {name: (value / total).astype(np.float32) for name, value in sums.items()}
         trainer.load_state(weights)
         last = round_number == config.rounds
-        traffic = len(present) * model_bytes
-        row = _row(round_number, trainer.evaluate(central_test if last else central), traffic, energy, seconds)
+        row = _row(round_number, trainer.evaluate(central_test if last else central), len(present) * model_bytes,
+                   full_fedavg_upload_bytes(reference, len(present)), energy, seconds)
         row["round_seconds"] = round(time.perf_counter() - round_started, 3)
         if last or round_number % config.local_eval_every == 0:
             row.update(_local(trainer, clients, trainer.evaluate(central_test).accuracy, min(manifest.ranks)))
@@ -94,13 +96,14 @@ def _available(config: SimConfig, client: SimClient, round_number: int) -> bool:
     return check is None or check(round_number)
 
 
-def _row(round_number: int, evaluation: EvalReport, traffic: int, energy: float, seconds: list[float]) -> dict:
-    """One metrics line; each participant downloads and uploads the whole model (`traffic` bytes each way)."""
+def _row(round_number: int, evaluation: EvalReport, traffic: int, full_up: int, energy: float,
+         seconds: list[float]) -> dict:
+    """One metrics line; participants download and upload the trained weights (`traffic` bytes each way)."""
     return {
         "round": round_number, "strategy": STRATEGY, "central_accuracy": evaluation.accuracy,
         "central_macro_f1": evaluation.macro_f1, "central_samples": evaluation.samples,
-        "bytes_up": traffic, "bytes_down": traffic, "full_fedavg_bytes": 2 * traffic,
-        "full_fedavg_bytes_up": traffic, "energy_joules": round(energy, 2),
+        "bytes_up": traffic, "bytes_down": traffic, "full_fedavg_bytes": 2 * full_up,
+        "full_fedavg_bytes_up": full_up, "energy_joules": round(energy, 2),
         "participants": len(seconds), "client_train_seconds_mean": float(np.mean(seconds)) if seconds else 0.0,
     }
 
