@@ -30,8 +30,7 @@ def check_strategy(name: str, manifest: Manifest | None = None) -> None:
 
 
 def merge_round(
-    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], manifest: Manifest,
-    global_rank: int | None = None,
+    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], manifest: Manifest
 ) -> tuple[dict[int, Adapter], MergeResult]:
     """Per-tier global adapters (LoRA + averaged head) from accepted updates, in client-id order.
 
@@ -42,8 +41,7 @@ def merge_round(
     client_updates = [
         ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=h.num_samples, factors=a.lora) for h, a in ordered
     ]
-    result = get_strategy(strategy)(client_updates, layer_specs_from_manifest(manifest), manifest.ranks,
-                                    global_rank=global_rank)
+    result = get_strategy(strategy)(client_updates, layer_specs_from_manifest(manifest), manifest.ranks)
     head = _average_heads(ordered)
     tiers = {rank: Adapter(rank=rank, lora=dict(lora), head=head) for rank, lora in result.tiers.items()}
     return tiers, result

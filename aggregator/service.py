@@ -58,8 +58,6 @@ class AggregatorOptions:
     dtype: str = "float32"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metrics_file: Path | None = None
-    global_rank: int | None = None
-    """Rank of the kept global state ΔW_g; None: the top tier's rank, all that any device receives."""
 
     def sample_size(self, online: int) -> int:
         wanted = self.clients_per_round if self.clients_per_round else math.ceil((self.fraction or 1.0) * online)
@@ -221,8 +219,7 @@ class Aggregator:
         assert current is not None
         closing = time.monotonic()
         started = time.perf_counter()
-        tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest,
-                                    self.options.global_rank or max(self.manifest.ranks))
+        tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest)
         merge_seconds = time.perf_counter() - started
         total_samples = sum(h.num_samples for h, _ in current.accepted.values())
         payloads = {

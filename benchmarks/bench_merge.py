@@ -68,17 +68,12 @@ def main(repeats: int, llm: bool) -> None:
     rng = np.random.default_rng(0)
     minilm = {f"layer{i}": LayerSpec(f"layer{i}", 384, 384, 16.0) for i in range(12)}
     click.echo("MiniLM shapes: 12 LoRA pairs 384×384, ranks {2,4,8,16} mixed, float32 uploads")
-    click.echo("kept: rank of the kept global state — all (the exact ΔW_g) or 16, the top tier (the aggregator's "
-               "default; every tier receives the same factors either way)")
-    click.echo(f"{'clients':>8} {'R=Σr':>6} {'kept':>5} {'factored ms':>12} {'dense ms':>10} {'dense/factored':>15} "
-               f"{'rel err':>9}")
+    click.echo(f"{'clients':>8} {'R=Σr':>6} {'factored ms':>12} {'dense ms':>10} {'dense/factored':>15} {'rel err':>9}")
     for n in (10, 100, 1000):
         updates = clients(n, minilm, RANKS, rng)
         total = sum(u.rank for u in updates)
-        for kept in (None, max(RANKS)):
-            t_f, t_d, err = compare(updates, minilm, RANKS, repeats, kept)
-            click.echo(f"{n:>8} {total:>6} {kept or 'all':>5} {1e3 * t_f:>12.1f} {1e3 * t_d:>10.1f} "
-                       f"{t_d / t_f:>15.2f} {err:>9.1e}")
+        t_f, t_d, err = compare(updates, minilm, RANKS, repeats)
+        click.echo(f"{n:>8} {total:>6} {1e3 * t_f:>12.1f} {1e3 * t_d:>10.1f} {t_d / t_f:>15.2f} {err:>9.1e}")
     if llm:
         click.echo("LLM shapes: one layer, 100 clients, ranks {4,8,16}")
         for size in (4096, 8192):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -66,12 +65,7 @@ class MergeResult:
     base_delta: dict[str, Factors] = field(default_factory=dict)
 
 
-class Strategy(Protocol):
-    """A merge rule: client updates in, per-tier adapters and the global state out."""
-
-    def __call__(self, updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
-                 global_rank: int | None = None) -> MergeResult:
-        """`global_rank` caps the kept global state at ΔW_g's top singular triplets; None keeps them all."""
+Strategy = Callable[[Sequence[ClientUpdate], Mapping[str, LayerSpec], Sequence[int]], MergeResult]
 
 
 def layer_specs_from_manifest(manifest) -> dict[str, LayerSpec]:

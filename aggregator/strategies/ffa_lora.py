@@ -19,8 +19,7 @@ from aggregator.strategies.weighted_svd import MergeError
 A_TOLERANCE = 1e-6
 
 
-def ffa_lora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
-             global_rank: int | None = None) -> MergeResult:
+def ffa_lora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int]) -> MergeResult:
     """B_g = Σ (n_i/Σn) pad(B_i); tier r gets (A_shared[:r], B_g[:, :r])."""
     accepted, rejected = split_valid(updates, layers, ranks)
     if not accepted:
@@ -49,7 +48,6 @@ def ffa_lora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], r
             k = min(r, top)
             a_r[:k], b_r[:, :k] = a[:k], b_g[:, :k]
             tiers[r][name] = (a_r, b_r)
-        (global_state[name],) = svd_of_product((spec.scaling(top) * b_g)[None], a[None].astype(np.float64),
-                                               global_rank)
+        (global_state[name],) = svd_of_product((spec.scaling(top) * b_g)[None], a[None].astype(np.float64))
         weights[name] = {u.client_id: float(x) for u, x in zip(kept, w)}
     return MergeResult(tiers=tiers, global_state=global_state, weights=weights, rejected=rejected)

@@ -20,8 +20,7 @@ from aggregator.strategies.weighted_svd import MergeError
 
 
 def flora(
-    updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
-    global_rank: int | None = None, seed: int = 0,
+    updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int], seed: int = 0
 ) -> MergeResult:
     """Exact stacked update in `base_delta`; tiers carry fresh LoRA (Kaiming-uniform A from `seed`, B = 0)."""
     accepted, rejected = split_valid(updates, layers, ranks)
@@ -37,7 +36,7 @@ def flora(
         p = np.concatenate([w[i] * spec.scaling(u.rank) * u.factors[name][1] for i, u in enumerate(accepted)], axis=1)
         q = np.concatenate([u.factors[name][0] for u in accepted], axis=0)
         base_delta[name] = (p, q)
-        (global_state[name],) = svd_of_product(p[None], q[None], global_rank)
+        (global_state[name],) = svd_of_product(p[None], q[None])
         weights[name] = {u.client_id: float(x) for u, x in zip(accepted, w)}
         bound = 1.0 / np.sqrt(spec.in_features)
         fresh = rng.uniform(-bound, bound, size=(max(ranks), spec.in_features)).astype(q.dtype)

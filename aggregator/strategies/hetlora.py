@@ -10,10 +10,9 @@ from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.zero_pad import merge_padded
 
 
-def hetlora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
-            global_rank: int | None = None) -> MergeResult:
+def hetlora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int]) -> MergeResult:
     """Sparsity-weighted aggregation: larger updates count more; all-zero updates weigh equally."""
-    return merge_padded(updates, layers, ranks, _weights, global_rank)
+    return merge_padded(updates, layers, ranks, _weights)
 
 
 def _weights(n: np.ndarray, norms: np.ndarray) -> np.ndarray:

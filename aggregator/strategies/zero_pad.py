@@ -19,8 +19,7 @@ PadWeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def merge_padded(
-    updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int], weight_fn: PadWeightFn,
-    global_rank: int | None = None,
+    updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int], weight_fn: PadWeightFn
 ) -> MergeResult:
     """Per layer: A_g = Σ w_i pad(A_i), B_g = Σ w_i pad(B_i); tier r gets A_g[:r], B_g[:, :r]."""
     accepted, rejected = split_valid(updates, layers, ranks)
@@ -45,6 +44,6 @@ def merge_padded(
         dtype = accepted[0].factors[name][0].dtype
         for r in tiers:
             tiers[r][name] = (a_g[:r].astype(dtype), b_g[:, :r].astype(dtype))
-        (global_state[name],) = svd_of_product((spec.scaling(top) * b_g)[None], a_g[None], global_rank)
+        (global_state[name],) = svd_of_product((spec.scaling(top) * b_g)[None], a_g[None])
         weights[name] = {u.client_id: float(x) for u, x in zip(accepted, w)}
     return MergeResult(tiers=tiers, global_state=global_state, weights=weights, rejected=rejected)
