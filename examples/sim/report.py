@@ -378,6 +378,12 @@ def _observations(plan: Plan, results: dict, heading: str = "## What the runs sh
         lines.append(f"- {PARTITION_NAMES[part]}: svd-weighted {final['svd-weighted']:.3f} vs fedavg-naive "
                      f"{final['fedavg-naive']:.3f} ({100 * (final['svd-weighted'] - final['fedavg-naive']):+.1f} "
                      f"points); best of the {len(final)} strategies run: {best} ({final[best]:.3f}).")
+        full = f"{FULL_FEDAVG}_{part}_float32_s0"
+        if full in results:
+            cost = results[full][0]["bytes_up"] / results[f"svd-weighted_{part}_float32_s0"][0]["bytes_up"]
+            lines.append(f"  Full-model FedAvg {final[FULL_FEDAVG]:.3f} vs svd-weighted {final['svd-weighted']:.3f} "
+                         f"({100 * (final[FULL_FEDAVG] - final['svd-weighted']):+.1f} points) for {cost:.0f}× "
+                         "the upload bytes.")
     skewed = [(name, s) for name, (s, _) in results.items() if name.split("_")[1] == "alpha0.1"]
     collapsed = [name for name, s in skewed if abs(s["final_accuracy"] - majority) < 0.005]
     if skewed:
