@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,18 @@ def reap_processes():
             process.kill()
             process.wait()
     RUNNING.clear()
+
+
+def peft_logits(folder: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Logits of the original MiniLM-L6 with the peft adapter folder loaded by `PeftModel.from_pretrained`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from export.model import resolve_model_dir
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(resolve_model_dir(None)), num_labels=2,
+                                                              attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()

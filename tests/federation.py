@@ -12,7 +12,7 @@ from pathlib import Path
 from edge_sdk.data import Example, stratified_split
 from edge_sdk.datasets import rotten_tomatoes, shard
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_RANKS
 
 
 def rotten_tomatoes_split(seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -168,3 +168,25 @@ def aggregator_thread(bundle: Path, settings, state: Path, federation: str, **op
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return aggregator, thread, errors
+
+
+def two_tier_simulation(bundle: Path, strategy: str, broker_url: str, out: Path) -> tuple[dict, list[dict], list[dict]]:
+    """Six simulated devices on both test tiers, 3 rounds of 25 steps at α=1.0 over a real broker.
+
+    Returns the run's summary, its per-round metrics rows and the aggregator's per-round records.
+    """
+    from edge_sdk.protocol import TrainingConfig
+    from edge_sdk.rank import RankPolicy
+    from examples.sim.simulation import SimConfig, run_simulation
+
+    config = SimConfig(
+        bundle=bundle, out=out, strategy=strategy, clients=6, fraction=0.5, rounds=3, alpha=1.0, size_skew=0.5,
+        dropout=0.0, seed=1, training=TrainingConfig(steps=25, batch_size=16, lr=2e-3, schedule="constant"),
+        eval_samples=300, local_eval_every=3, pool_limit=900, broker_url=broker_url,
+        rank_policy=RankPolicy.balanced(max(TEST_RANKS), 2048 * 2**20, 0.1, 50),
+    )
+    summary = run_simulation(config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads((out / "state" / "rounds" / f"{row['round']:04d}" / "metrics.json").read_text())
+               for row in rows[1:]]
+    return summary, rows, records

@@ -12,11 +12,9 @@ from safetensors.numpy import load_file
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
-from edge_sdk.protocol import TrainingConfig
-from edge_sdk.rank import RankPolicy
 from edge_sdk.trainer import Trainer
-from examples.sim.simulation import SimConfig, run_simulation
-from tests.conftest import TEST_RANKS
+from tests.conftest import TEST_RANKS, peft_logits
+from tests.federation import two_tier_simulation
 
 SENTENCES = rotten_tomatoes()[:64]
 
@@ -69,12 +67,6 @@ def test_every_tier_starts_at_the_pretrained_model_over_one_base(svd_bundle: Pat
 
 
 def test_peft_adapter_converts_onto_the_original_base(svd_bundle: Path, tmp_path: Path) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from export.model import resolve_model_dir
-
     trainer = Trainer(svd_bundle, max(TEST_RANKS), threads=2)
     trainer.fit(SENTENCES, epochs=1, batch_size=16, lr=2e-3)
     with pytest.raises(BundleError, match="--svd-init"):
@@ -82,12 +74,7 @@ def test_peft_adapter_converts_onto_the_original_base(svd_bundle: Path, tmp_path
     folder = write_peft_adapter(trainer.get_adapter(), trainer.manifest, tmp_path / "adapter", svd_bundle)
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == max(TEST_RANKS) + min(TEST_RANKS)
-    base = AutoModelForSequenceClassification.from_pretrained(str(resolve_model_dir(None)), num_labels=2,
-                                                              attn_implementation="eager")
-    model = PeftModel.from_pretrained(base, str(folder)).eval()
-    feeds = trainer.encoder(SENTENCES[:8])
-    with torch.no_grad():
-        reference = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    reference = peft_logits(folder, trainer.encoder(SENTENCES[:8]))
     assert np.abs(reference - _logits(trainer)).max() < 1e-4
 
 
@@ -104,19 +91,9 @@ def test_svd_init_and_frozen_a_are_exclusive(tmp_path: Path) -> None:
 def test_federa_federation_over_mixed_tiers_learns(svd_bundle: Path, mosquitto, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    config = SimConfig(
-        bundle=svd_bundle, out=out, strategy="svd-weighted", clients=6, fraction=0.5, rounds=3, alpha=1.0,
-        size_skew=0.5, dropout=0.0, seed=1, training=TrainingConfig(steps=25, batch_size=16, lr=2e-3,
-                                                                      schedule="constant"),
-        eval_samples=300, local_eval_every=3, pool_limit=900, broker_url=mosquitto.url,
-        rank_policy=RankPolicy.balanced(max(TEST_RANKS), 2048 * 2**20, 0.1, 50),
-    )
-    summary = run_simulation(config)
+    summary, rows, records = two_tier_simulation(svd_bundle, "svd-weighted", mosquitto.url, out)
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {int(r) for r in summary["ranks"]} == set(TEST_RANKS), "both tiers take part"
-    for row in rows[1:]:
-        round_metrics = json.loads((out / "state" / "rounds" / f"{row['round']:04d}" / "metrics.json").read_text())
-        assert round_metrics["rejected"] == 0, round_metrics
+    assert all(record["rejected"] == 0 for record in records), records
     assert (out / "state" / "rounds" / f"{rows[-1]['round']:04d}" / "peft" / "adapter_config.json").is_file()
     assert summary["final_accuracy"] > rows[0]["central_accuracy"] + 0.05, [r["central_accuracy"] for r in rows]

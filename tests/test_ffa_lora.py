@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,9 @@ import pytest
 from aggregator.round_merge import check_strategy
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.manifest import read_manifest
-from edge_sdk.protocol import TrainingConfig
-from edge_sdk.rank import RankPolicy
 from edge_sdk.trainer import Trainer
-from examples.sim.simulation import SimConfig, run_simulation
 from tests.conftest import TEST_RANKS
+from tests.federation import two_tier_simulation
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +61,9 @@ def test_strategy_and_bundle_must_match(frozen_a_bundle: Path, minilm_bundle: Pa
 def test_ffa_lora_federation_accepts_every_update_and_learns(frozen_a_bundle: Path, mosquitto, tmp_path: Path,
                                                              monkeypatch) -> None:
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    config = SimConfig(
-        bundle=frozen_a_bundle, out=out, strategy="ffa-lora", clients=6, fraction=0.5, rounds=3, alpha=1.0,
-        size_skew=0.5, dropout=0.0, seed=1, training=TrainingConfig(steps=25, batch_size=16, lr=2e-3,
-                                                                      schedule="constant"),
-        eval_samples=300, local_eval_every=3, pool_limit=900, broker_url=mosquitto.url,
-        rank_policy=RankPolicy.balanced(max(TEST_RANKS), 2048 * 2**20, 0.1, 50),
-    )
-    summary = run_simulation(config)
+    summary, rows, records = two_tier_simulation(frozen_a_bundle, "ffa-lora", mosquitto.url, tmp_path / "run")
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {int(r) for r in summary["ranks"]} == set(TEST_RANKS), "both tiers take part"
-    for row in rows[1:]:
-        round_metrics = json.loads((out / "state" / "rounds" / f"{row['round']:04d}" / "metrics.json").read_text())
-        assert row["participants"] == 3 and round_metrics["rejected"] == 0, round_metrics
+    assert all(row["participants"] == 3 for row in rows[1:]), rows
+    assert all(record["rejected"] == 0 for record in records), records
     assert summary["final_accuracy"] > rows[0]["central_accuracy"] + 0.05, [r["central_accuracy"] for r in rows]

@@ -17,6 +17,7 @@ from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.trainer import Trainer, learning_rate, macro_f1
 from edge_sdk.trainers import TrainerPool
 from export.cli import main as export_cli
+from tests.conftest import peft_logits
 
 SENTENCES = rotten_tomatoes()[:96]
 
@@ -136,23 +137,12 @@ def test_learning_rate_schedules_and_macro_f1() -> None:
 
 
 def test_peft_adapter_folder_reproduces_ort_logits(minilm_bundle: Path, tmp_path: Path) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from export.model import resolve_model_dir
-
     trainer = Trainer(minilm_bundle, 8, threads=2)
     trainer.fit(SENTENCES[:64], epochs=1, batch_size=16, lr=2e-3)
     folder = write_peft_adapter(trainer.get_adapter(), trainer.manifest, tmp_path / "adapter")
     write_peft_adapter(trainer.get_adapter(), trainer.manifest, folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    base = AutoModelForSequenceClassification.from_pretrained(str(resolve_model_dir(None)), num_labels=2,
-                                                              attn_implementation="eager")
-    model = PeftModel.from_pretrained(base, str(folder)).eval()
-    feeds = trainer.encoder(SENTENCES[:8])
-    with torch.no_grad():
-        reference = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    reference = peft_logits(folder, trainer.encoder(SENTENCES[:8]))
     assert np.abs(reference - _logits(trainer, SENTENCES[:8])).max() < 1e-4
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from collections import defaultdict
 
 import numpy as np
 
@@ -24,7 +22,7 @@ from edge_sdk.manifest import read_manifest
 from edge_sdk.profile import PRESETS
 from edge_sdk.trainer import EvalReport, Trainer
 from examples.sim.simulation import (
-    CORE_WATTS, SimClient, SimConfig, availability, load_data, split_clients, subset, summarize,
+    CORE_WATTS, SimClient, SimConfig, availability, local_summary, prepare_run, summarize,
 )
 
 log = logging.getLogger("fedpeft.sim")
@@ -36,16 +34,8 @@ def run_full_fedavg(config: SimConfig) -> dict:
     manifest = read_manifest(config.bundle)
     if not manifest.lora.get("full_finetune"):
         raise ValueError(f"{config.bundle} is not a --full-finetune bundle; export one with fedpeft-export --full-finetune.")
-    if config.out.exists():
-        shutil.rmtree(config.out)
-    config.out.mkdir(parents=True)
     started = time.perf_counter()
-    data, central_test = load_data(config.data)
-    if config.pool_limit is not None:
-        data = subset(data, config.pool_limit)
-    clients, split = split_clients(config, data)
-    (config.out / "partition.json").write_text(json.dumps(split, indent=1))
-    central = central_test if config.eval_samples is None else subset(central_test, config.eval_samples)
+    clients, central, central_test = prepare_run(config)
     trainer = Trainer(config.bundle, min(manifest.ranks))
     weights = trainer.state()
     model_bytes = BYTES_PER_FLOAT32 * sum(v.size for name, v in weights.items() if name in manifest.head_shapes)
@@ -77,7 +67,9 @@ def run_full_fedavg(config: SimConfig) -> dict:
                    full_fedavg_upload_bytes(reference, len(present)), energy, seconds)
         row["round_seconds"] = round(time.perf_counter() - round_started, 3)
         if last or round_number % config.local_eval_every == 0:
-            row.update(_local(trainer, clients, trainer.evaluate(central_test).accuracy, min(manifest.ranks)))
+            accuracy = {c.client_id: trainer.evaluate(c.test).accuracy for c in clients}
+            row.update(local_summary(clients, accuracy, {min(manifest.ranks): row["central_accuracy"] if last
+                                                         else trainer.evaluate(central_test).accuracy}))
         rows.append(row)
         log.info("full-fedavg round %d: central accuracy %.3f, %d participants", round_number,
                  row["central_accuracy"], len(present))
@@ -108,16 +100,3 @@ def _row(round_number: int, evaluation: EvalReport, traffic: int, full_up: int, 
     }
 
 
-def _local(trainer: Trainer, clients: list[SimClient], central: float, rank: int) -> dict:
-    """Each client's accuracy on its own test split with the global model, and the means by device preset."""
-    accuracy = {c.client_id: trainer.evaluate(c.test).accuracy for c in clients}
-    tiers: dict[str, list[float]] = defaultdict(list)
-    for c in clients:
-        tiers[c.preset].append(accuracy[c.client_id])
-    values = np.array(list(accuracy.values()))
-    return {
-        "local_accuracy_mean": float(values.mean()), "local_accuracy_worst": float(values.min()),
-        "local_accuracy_p10": float(np.percentile(values, 10)),
-        "local_accuracy_by_tier": {t: float(np.mean(v)) for t, v in sorted(tiers.items())},
-        "central_accuracy_by_rank": {str(rank): central},
-    }

@@ -213,30 +213,44 @@ class Evaluator:
                 for c in self.clients:
                     if c.rank == rank:
                         accuracy[c.client_id] = trainer.evaluate(c.test).accuracy
-        tiers: dict[str, list[float]] = defaultdict(list)
-        for c in self.clients:
-            tiers[c.preset].append(accuracy[c.client_id])
-        values = np.array(list(accuracy.values()))
-        return {
-            "local_accuracy_mean": float(values.mean()), "local_accuracy_worst": float(values.min()),
-            "local_accuracy_p10": float(np.percentile(values, 10)),
-            "local_accuracy_by_tier": {t: float(np.mean(v)) for t, v in sorted(tiers.items())},
-            "central_accuracy_by_rank": {str(r): a for r, a in by_rank.items()},
-        }
+        return local_summary(self.clients, accuracy, by_rank)
 
 
-def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
-    """Run the federation of `config`; writes metrics.jsonl, partition.json and summary.json under `config.out`."""
+def local_summary(clients: list[SimClient], accuracy: dict[str, float], by_rank: dict[int, float]) -> dict:
+    """Per-client local accuracies (client id → accuracy) summarized: mean, worst, 10th percentile, by preset."""
+    tiers: dict[str, list[float]] = defaultdict(list)
+    for c in clients:
+        tiers[c.preset].append(accuracy[c.client_id])
+    values = np.array(list(accuracy.values()))
+    return {
+        "local_accuracy_mean": float(values.mean()), "local_accuracy_worst": float(values.min()),
+        "local_accuracy_p10": float(np.percentile(values, 10)),
+        "local_accuracy_by_tier": {t: float(np.mean(v)) for t, v in sorted(tiers.items())},
+        "central_accuracy_by_rank": {str(r): a for r, a in by_rank.items()},
+    }
+
+
+def prepare_run(config: SimConfig) -> tuple[list[SimClient], list[Example], list[Example]]:
+    """Empty the run folder, load and partition the data (saved as partition.json).
+
+    Returns (clients, the per-round evaluation subset, the whole central test split).
+    """
     if config.out.exists():
         shutil.rmtree(config.out)
     config.out.mkdir(parents=True)
-    started = time.perf_counter()
     data, central_test = load_data(config.data)
     if config.pool_limit is not None:
         data = subset(data, config.pool_limit)
     clients, split = split_clients(config, data)
     (config.out / "partition.json").write_text(json.dumps(split, indent=1))
     central = central_test if config.eval_samples is None else subset(central_test, config.eval_samples)
+    return clients, central, central_test
+
+
+def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
+    """Run the federation of `config`; writes metrics.jsonl, partition.json and summary.json under `config.out`."""
+    started = time.perf_counter()
+    clients, central, central_test = prepare_run(config)
     pool = pool or TrainerPool(config.bundle)
     evaluator = Evaluator(config, pool, central, central_test, clients, config.out / "metrics.jsonl")
     evaluator.baseline()
