@@ -23,7 +23,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
-def write_peft_adapter(adapter: Adapter, manifest: Manifest, folder: str | Path, bundle: str | Path | None = None) -> Path:
+def write_peft_adapter(
+    adapter: Adapter, manifest: Manifest, folder: str | Path, bundle: str | Path | None = None
+) -> Path:
     """Write `adapter` to `folder` atomically (an existing folder is replaced only once the new one is complete).
 
     Include the head in `adapter` when the bundle trains it, or the loaded model keeps the base
@@ -36,9 +38,11 @@ def write_peft_adapter(adapter: Adapter, manifest: Manifest, folder: str | Path,
     config = {**manifest.peft_config, "r": adapter.rank, "inference_mode": True}
     if manifest.lora.get("svd_init"):
         if bundle is None:
-            raise BundleError("This bundle was exported with --svd-init; pass its folder (bundle=) to write a peft adapter.")
+            raise BundleError("This bundle was exported with --svd-init; pass its folder (bundle=) to write "
+                              "a peft adapter.")
         values, config = _onto_original_base(values, config, manifest, Path(bundle))
-    tensors = {manifest.peft_keys[name]: np.ascontiguousarray(value, dtype=np.float32) for name, value in values.items()}
+    tensors = {manifest.peft_keys[name]: np.ascontiguousarray(value, dtype=np.float32)
+               for name, value in values.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
