@@ -14,7 +14,9 @@ from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
 from examples.sim import plots
-from examples.sim.report import FULL, QUICK, VARIANTS, image_base, run_report, variant_bundle
+from examples.sim.report import (
+    FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle,
+)
 from examples.sim.simulation import DATA_SETS, SimConfig, run_simulation
 
 DEFAULT_BUNDLE = "runs/bundle"
@@ -140,14 +142,14 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool
     plan = QUICK if quick else FULL
     work = work / "quick" if quick else work
     docs = docs or (work / "results.md" if quick else Path("docs/results.md"))
-    image = None if quick else Path(DEFAULT_IMAGE_BUNDLE)
+    image = Path(DEFAULT_IMAGE_BUNDLE)
     if not render_only:
         _bundle(bundle)
         for row in (r for r in plan.strategies if r in VARIANTS):
             _bundle(variant_bundle(bundle, row), *VARIANTS[row].export_args)
-        if image is not None:
-            _image_bundle(image)
-    path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only, image_bundle=image)
+        _image_bundle(image)
+    path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only, image_bundle=image,
+                      image_plan=QUICK_IMAGE if quick else IMAGE)
     click.echo(f"report written to {path}")
 
 

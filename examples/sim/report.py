@@ -68,6 +68,8 @@ QUICK = Plan(clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=20
 IMAGE = replace(FULL, strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora"), dtypes=(),
                 data="fashion-mnist-5-9", ceiling_lr=3e-3)
 """The image task at the text grid's scale (ffa-lora, FeDeRA and the dtypes are measured on text only)."""
+QUICK_IMAGE = replace(QUICK, data="fashion-mnist-5-9", ceiling_lr=3e-3, dtypes=())
+"""The image task at the quick grid's scale."""
 IMAGE_WORK = "fmnist"
 """The image runs' folder under the report's work folder."""
 
@@ -128,10 +130,10 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
 
 
 def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = True, run: bool = True,
-               image_bundle: Path | None = None) -> Path:
+               image_bundle: Path | None = None, image_plan: Plan = IMAGE) -> Path:
     """Run (or reuse) every experiment, then write `docs` and its figures; returns the report's path.
 
-    With `image_bundle` the image grid (`IMAGE`) runs too, under `work/fmnist`. With `run` False
+    With `image_bundle` the image grid (`image_plan`) runs too, under `work/fmnist`. With `run` False
     nothing is trained: the report shows the finished runs and marks the others.
     """
     started = time.perf_counter()
@@ -141,7 +143,7 @@ def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = 
         pretraining = image_base(image_bundle) / PRETRAINING_FILE
         base = json.loads(pretraining.read_text()) if pretraining.is_file() else {}
         base["parameters"] = read_manifest(image_bundle).base_weights["parameters"]
-        image = (*_run_grid(IMAGE, image_bundle, work / IMAGE_WORK, resume, run), base)
+        image = (image_plan, *_run_grid(image_plan, image_bundle, work / IMAGE_WORK, resume, run), base)
     wall = time.perf_counter() - started
     return render(plan, results, ceiling, docs, wall, planned, image)
 
@@ -208,7 +210,7 @@ def _rows(folder: Path) -> list[dict]:
 
 
 def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dict, docs: Path, wall: float,
-           planned: int, image: tuple[dict, dict, int, dict] | None = None) -> Path:
+           planned: int, image: tuple[Plan, dict, dict, int, dict] | None = None) -> Path:
     """docs/results.md and its PNGs from the runs' summaries and per-round metrics ("not run" where missing)."""
     figures = docs.parent / "results"
     lines = [
@@ -417,7 +419,7 @@ def _figures(plan: Plan, results: dict, folder: Path, root: Path) -> list[str]:
     return lines + [f"![accuracy by tier]({c.relative_to(root)})", ""]
 
 
-def _image_section(results: dict, ceiling: dict, planned: int, base: dict, folder: Path,
+def _image_section(plan: Plan, results: dict, ceiling: dict, planned: int, base: dict, folder: Path,
                    root: Path) -> list[str]:
     """The image task: its setup, ceiling, grid, seeds and the α=0.1 accuracy figure."""
     lines = [
@@ -431,7 +433,8 @@ def _image_section(results: dict, ceiling: dict, planned: int, base: dict, folde
            if "epochs" in base else "")
         + ". The federation fine-tunes LoRA (query/value, ranks {2,4,8,16}) and a new 5-way head on classes "
         "5–9 (Sandal, Shirt, Sneaker, Bag, Ankle boot), which the base never saw: the dataset's own train "
-        "split (30,000 images) is partitioned, its test split (5,000) is the central test. Same clients, "
+        "split (30,000 images" + (f", limited to {plan.pool_limit}" if plan.pool_limit else "")
+        + ") is partitioned, its test split (5,000) is the central test. Same clients, "
         "rounds, partitions, devices and local training as the text grid.",
         "",
         f"Ceiling: centralized LoRA r={ceiling['rank']} on the pooled images ({ceiling['samples']}, "
@@ -439,10 +442,10 @@ def _image_section(results: dict, ceiling: dict, planned: int, base: dict, folde
         f"The image runs took {sum(s['wall_seconds'] for s, _ in results.values()) / 60:.0f} min of federations.",
         "",
     ]
-    lines += _grid(IMAGE, results, ceiling, "### Strategies × partitions (image, float32, seed 0)")
-    lines += _seeds(IMAGE, results, "### Image")
-    lines += _observations(IMAGE, results, "### What the image runs show")
-    runs = {s: results[f"{s}_alpha0.1_float32_s0"][1] for s in IMAGE.strategies
+    lines += _grid(plan, results, ceiling, "### Strategies × partitions (image, float32, seed 0)")
+    lines += _seeds(plan, results, "### Image")
+    lines += _observations(plan, results, "### What the image runs show")
+    runs = {s: results[f"{s}_alpha0.1_float32_s0"][1] for s in plan.strategies
             if f"{s}_alpha0.1_float32_s0" in results}
     if runs:
         figure = plots.accuracy_per_round(runs, "Image task: accuracy per round, Dirichlet α=0.1",
