@@ -75,8 +75,6 @@ def run_full_fedavg(config: SimConfig) -> dict:
                  row["central_accuracy"], len(present))
     with open(config.out / "metrics.jsonl", "w") as handle:
         handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-    for client in clients:
-        client.rank = min(manifest.ranks)
     summary = summarize(config, rows, clients, time.perf_counter() - started)
     summary["ranks"] = {"all weights": len(clients)}
     (config.out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
