@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 from aggregator.round_merge import check_strategy, merge_round
 from aggregator.state import StateDir
 from aggregator.strategies.full_fedavg import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
+from aggregator.strategies.linalg import BACKEND_ENV, default_backend
 from edge_sdk.adapter import Adapter
 from edge_sdk.manifest import bundle_id, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
@@ -116,6 +117,7 @@ class Aggregator:
 
     def run(self, connect_timeout: float = 30.0) -> list[dict]:
         """Run (or resume) the federation to its last round; returns the per-round metrics."""
+        log.info("merge arithmetic on %s (set %s to choose)", default_backend().name, BACKEND_ENV)
         self.connection.start(connect_timeout)
         try:
             self.connection.publish_all([(self.topics.config, encode_message(self.config()), True)], 30)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.strategies import STRATEGIES, ClientUpdate, LayerSpec, MergeError, get_strategy
+from aggregator.strategies import linalg
 from aggregator.strategies.linalg import svd_of_product
 
 RANKS = (2, 4, 8)
@@ -47,6 +48,20 @@ def exact_svd_weighted(updates, layers, name) -> np.ndarray:
 def truncate(matrix: np.ndarray, rank: int) -> np.ndarray:
     u, s, vt = np.linalg.svd(matrix, full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+BACKENDS = [pytest.param(linalg.numpy_backend, id="numpy"), pytest.param(linalg.torch_backend, id="torch")]
+
+
+@pytest.fixture
+def merge_backend(monkeypatch):
+    """Select the merge's linalg backend by name, as FEDPEFT_MERGE_BACKEND does."""
+    def select(name: str) -> linalg.Backend:
+        monkeypatch.setenv(linalg.BACKEND_ENV, name)
+        linalg.default_backend.cache_clear()
+        return linalg.default_backend()
+    yield select
+    linalg.default_backend.cache_clear()
 
 
 clients_st = st.lists(st.tuples(st.sampled_from(RANKS), st.integers(1, 500)), min_size=1, max_size=6)
@@ -114,20 +129,45 @@ def test_zero_updates_give_a_defined_zero_result(name) -> None:
                 assert np.abs(layers[layer].scaling(r) * b @ a).max() == 0.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=30, deadline=None)
 @given(out=st.integers(3, 40), inn=st.integers(3, 40), rank=st.integers(1, 60), layers=st.integers(1, 3),
        seed=st.integers(0, 2**16))
-def test_factored_svd_matches_dense_including_wide_stacks(out, inn, rank, layers, seed) -> None:
+def test_factored_svd_matches_dense_including_wide_stacks(backend, out, inn, rank, layers, seed) -> None:
     rng = np.random.default_rng(seed)
     for dtype, tol in ((np.float64, 1e-5), (np.float32, 1e-4)):
         p = rng.standard_normal((layers, out, rank)).astype(dtype)
         q = rng.standard_normal((layers, rank, inn)).astype(dtype)
-        for i, factors in enumerate(svd_of_product(p, q)):
+        for i, factors in enumerate(svd_of_product(p, q, backend=backend())):
+            assert factors.u.dtype == dtype and isinstance(factors.s, np.ndarray)
             dense = p[i].astype(np.float64) @ q[i].astype(np.float64)
             err = np.linalg.norm(factors.dense() - dense) / np.linalg.norm(dense)
             assert err <= tol
             np.testing.assert_allclose(factors.s, np.linalg.svd(dense, compute_uv=False)[: len(factors.s)],
                                        rtol=tol, atol=tol * np.linalg.norm(dense))
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_numpy_and_torch_backends_merge_alike(name, merge_backend) -> None:
+    rng = np.random.default_rng(11)
+    layers = make_layers(out=40, inn=30, count=3)
+    updates = [make_update(f"c{i}", RANKS[i % 3], 10 + i, layers, rng, np.float32) for i in range(12)]
+    results = {}
+    for backend in ("numpy", "torch"):
+        assert merge_backend(backend).name.startswith(backend)
+        results[backend] = get_strategy(name)(updates, layers, RANKS)
+    for layer in layers:
+        for r in RANKS:
+            np.testing.assert_allclose(tier_delta(results["torch"], layers, r, layer),
+                                       tier_delta(results["numpy"], layers, r, layer), rtol=0, atol=1e-4)
+        assert results["torch"].weights[layer] == pytest.approx(results["numpy"].weights[layer], rel=1e-6)
+
+
+def test_backend_choice_is_explicit(merge_backend) -> None:
+    assert merge_backend("numpy").xp.__name__ == "array_api_compat.numpy"
+    assert merge_backend("auto").name in ("torch-cpu", "torch-cuda")
+    with pytest.raises(ValueError, match="use auto, numpy or torch"):
+        merge_backend("mkl")
 
 
 def test_orientation_of_non_square_layers() -> None:

@@ -2,30 +2,93 @@
 
 ΔW = P @ Q with P (out × R) and Q (R × in). When R < min(out, in) the out × in matrix is never
 formed: QR(P) = Qp Rp, QR(Qᵀ) = Qq Rq, SVD(Rp Rqᵀ) = U Σ Vᵀ, so ΔW = (Qp U) Σ (Qq V)ᵀ.
+
+The arithmetic is written once against the array API standard (array-api-compat) and runs on
+torch where it is installed (MKL on CPU, CUDA when present), numpy otherwise: MKL's symmetric
+eigensolver is about twice OpenBLAS's on the 384² Gram matrices that dominate a 100-client round.
+Set FEDPEFT_MERGE_BACKEND=numpy to keep torch out of the aggregator.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
 import numpy as np
+from array_api_compat import array_namespace, to_device
 
 from aggregator.strategies.base import SvdFactors
 
+BACKEND_ENV = "FEDPEFT_MERGE_BACKEND"
 
-def svd_of_product(p: np.ndarray, q: np.ndarray, keep: int | None = None) -> list[SvdFactors]:
+
+@dataclass(frozen=True)
+class Backend:
+    """An array namespace of the array API standard and the device the merge arithmetic runs on."""
+
+    name: str
+    xp: ModuleType
+    device: Any
+
+    def asarray(self, x: np.ndarray) -> Any:
+        return self.xp.asarray(x, device=self.device)
+
+    def numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(to_device(x, "cpu"))
+
+
+def numpy_backend() -> Backend:
+    """numpy with the BLAS/LAPACK it was built with (OpenBLAS for PyPI wheels)."""
+    return Backend("numpy", array_namespace(np.empty(0)), "cpu")
+
+
+def torch_backend() -> Backend:
+    """torch on its CUDA device when one is usable, else on CPU (MKL); ImportError without torch."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Backend(f"torch-{device.type}", array_namespace(torch.empty(0)), device)
+
+
+@functools.cache
+def default_backend() -> Backend:
+    """torch when importable, else numpy; FEDPEFT_MERGE_BACKEND=numpy|torch forces one."""
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice not in ("auto", "numpy", "torch"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: use auto, numpy or torch.")
+    if choice == "numpy":
+        return numpy_backend()
+    try:
+        return torch_backend()
+    except ImportError:
+        if choice == "torch":
+            raise ImportError(f"{BACKEND_ENV}=torch but torch is not installed: pip install torch.") from None
+        return numpy_backend()
+
+
+def svd_of_product(
+    p: np.ndarray, q: np.ndarray, keep: int | None = None, backend: Backend | None = None
+) -> list[SvdFactors]:
     """SVD of p[l] @ q[l] for a batch of layers l; p (L, out, R), q (L, R, in); top `keep` kept."""
+    be = backend or default_backend()
+    xp, p, q = be.xp, be.asarray(p), be.asarray(q)
     out, rank, inn = p.shape[1], p.shape[2], q.shape[2]
     if rank < min(out, inn):
-        qp, rp = np.linalg.qr(p)
-        qq, rq = np.linalg.qr(np.swapaxes(q, 1, 2))
-        u, s, vt = np.linalg.svd(rp @ np.swapaxes(rq, 1, 2))
-        u, v = qp @ u, qq @ np.swapaxes(vt, 1, 2)
+        qp, rp = xp.linalg.qr(p)
+        qq, rq = xp.linalg.qr(xp.matrix_transpose(q))
+        u, s, vt = xp.linalg.svd(rp @ xp.matrix_transpose(rq), full_matrices=False)
+        u, v = qp @ u, qq @ xp.matrix_transpose(vt)
     else:
-        u, s, v = svd_by_gram(p @ q)
+        u, s, v = svd_by_gram(p @ q, xp)
     k = s.shape[1] if keep is None else min(keep, s.shape[1])
-    return [SvdFactors(u[i, :, :k], s[i, :k], v[i, :, :k]) for i in range(p.shape[0])]
+    u, s, v = be.numpy(u[:, :, :k]), be.numpy(s[:, :k]), be.numpy(v[:, :, :k])
+    return [SvdFactors(u[i], s[i], v[i]) for i in range(u.shape[0])]
 
 
-def svd_by_gram(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def svd_by_gram(m: Any, xp: ModuleType) -> tuple[Any, Any, Any]:
     """Thin SVD of a batch m (L, out, in) from the symmetric eigenproblem of its smaller Gram matrix.
 
     About 2× faster than LAPACK's SVD at 384². Singular values are taken as ‖mᵀuᵢ‖ rather than
@@ -34,26 +97,30 @@ def svd_by_gram(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     flip = m.shape[1] > m.shape[2]
     if flip:
-        m = np.swapaxes(m, 1, 2)
-    _, u = np.linalg.eigh(m @ np.swapaxes(m, 1, 2))
-    u = u[:, :, ::-1]
-    vs = np.swapaxes(m, 1, 2) @ u
-    s = np.linalg.norm(vs, axis=1)
-    if np.all(s[:, 1:] <= s[:, :-1]):
-        v = vs / np.where(s > 0, s, 1)[:, None, :]
-    else:
-        order = np.argsort(-s, axis=1, kind="stable")
-        s = np.take_along_axis(s, order, axis=1)
-        u = np.take_along_axis(u, order[:, None, :], axis=2)
-        v = np.take_along_axis(vs, order[:, None, :], axis=2) / np.where(s > 0, s, 1)[:, None, :]
+        m = xp.matrix_transpose(m)
+    _, u = xp.linalg.eigh(m @ xp.matrix_transpose(m))
+    u = xp.flip(u, axis=2)
+    vs = xp.matrix_transpose(m) @ u
+    s = xp.linalg.vector_norm(vs, axis=1)
+    if not bool(xp.all(s[:, 1:] <= s[:, :-1])):
+        order = xp.argsort(s, axis=1, descending=True, stable=True)
+        s = xp.take_along_axis(s, order, axis=1)
+        u = xp.take_along_axis(u, order[:, None, :], axis=2)
+        vs = xp.take_along_axis(vs, order[:, None, :], axis=2)
+    v = vs / xp.where(s > 0, s, xp.ones_like(s))[:, None, :]
     return (v, s, u) if flip else (u, s, v)
 
 
 def product_norms(scale: float, b: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """‖scale · b[l] @ a[l]‖_F for a batch (L, out, r) × (L, r, in), through r × r QR factors."""
-    rb = np.linalg.qr(b, mode="r")
-    ra = np.linalg.qr(np.swapaxes(a, 1, 2), mode="r")
-    return abs(scale) * np.linalg.norm(rb @ np.swapaxes(ra, 1, 2), axis=(1, 2))
+    """‖scale · b[…] @ a[…]‖_F over any leading batch axes: b (…, out, r), a (…, r, in).
+
+    ‖BA‖²_F = ⟨BᵀB, AAᵀ⟩: two r × r Gram matrices instead of a QR or the out × in product, their
+    inner product summed in float64. numpy on every backend: its stacked matmul of many tiny
+    matrices is several times faster than torch's.
+    """
+    gram_b = (np.swapaxes(b, -1, -2) @ b).astype(np.float64)
+    gram_a = (a @ np.swapaxes(a, -1, -2)).astype(np.float64)
+    return abs(scale) * np.sqrt(np.maximum(np.sum(gram_b * gram_a, axis=(-2, -1)), 0.0))
 
 
 def redistribute(factors: SvdFactors, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ svd-weighted and flexlora differ only in the client weights they pass in.
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import groupby
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -33,19 +34,17 @@ def merge_exact(
     accepted, rejected = split_valid(updates, layers, ranks)
     if not accepted:
         raise MergeError(f"no valid update to merge; rejected: {rejected}")
+    accepted.sort(key=lambda u: u.rank)
     n = np.array([u.num_samples for u in accepted], dtype=np.float64)
+    client_ranks = np.array([u.rank for u in accepted])
     global_state: dict[str, SvdFactors] = {}
     weights: dict[str, dict[str, float]] = {}
     for group in _shape_groups(layers).values():
-        dtype = np.result_type(*(u.factors[group[0]][0].dtype for u in accepted))
-        b = [np.stack([u.factors[name][1] for name in group]).astype(dtype, copy=False) for u in accepted]
-        a = [np.stack([u.factors[name][0] for name in group]).astype(dtype, copy=False) for u in accepted]
-        scales = [layers[group[0]].scaling(u.rank) for u in accepted]
-        norms = _norms(accepted, scales, b, a)
-        w = weight_fn(n, norms)
-        p = np.concatenate([(w[:, i] * scales[i])[:, None, None].astype(dtype) * b[i] for i in range(len(b))], axis=2)
-        q = np.concatenate(a, axis=1)
-        for name, row, factors in zip(group, w, svd_of_product(p, q, global_rank)):
+        pt, q = _stacked(accepted, group)
+        scales = np.array([layers[group[0]].scaling(int(r)) for r in client_ranks])
+        w = weight_fn(n, _norms(pt, q, client_ranks, scales))
+        pt *= np.repeat(w * scales, client_ranks, axis=1)[:, :, None].astype(pt.dtype)
+        for name, row, factors in zip(group, w, svd_of_product(np.swapaxes(pt, 1, 2), q, global_rank)):
             global_state[name] = factors
             weights[name] = {u.client_id: float(x) for u, x in zip(accepted, row)}
     tiers = {
@@ -64,18 +63,35 @@ def normalized(values: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     return safe / safe.sum(axis=-1, keepdims=True)
 
 
-def _norms(
-    accepted: Sequence[ClientUpdate], scales: list[float], b: list[np.ndarray], a: list[np.ndarray]
-) -> np.ndarray:
-    """‖s_i B_i A_i‖_F per (layer, client), one batched QR per rank (one scaling s_r) instead of one per client."""
-    norms = np.empty((b[0].shape[0], len(accepted)))
-    by_rank: dict[int, list[int]] = defaultdict(list)
-    for index, update in enumerate(accepted):
-        by_rank[update.rank].append(index)
-    for indices in by_rank.values():
-        stacked = product_norms(scales[indices[0]], np.concatenate([b[i] for i in indices]),
-                                np.concatenate([a[i] for i in indices]))
-        norms[:, indices] = stacked.reshape(len(indices), -1).T
+def _stacked(accepted: Sequence[ClientUpdate], group: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pᵀ = [B_1ᵀ; …; B_Nᵀ] (L, R, out) and Q = [A_1; …; A_N] (L, R, in) for the layers of one shape group.
+
+    P is kept transposed so that each client's B_iᵀ is a contiguous block of rows, like its A_i.
+    """
+    dtype = np.result_type(*(u.factors[group[0]][0].dtype for u in accepted))
+    a0, b0 = accepted[0].factors[group[0]]
+    total = sum(u.rank for u in accepted)
+    pt = np.empty((len(group), total, b0.shape[0]), dtype=dtype)
+    q = np.empty((len(group), total, a0.shape[1]), dtype=dtype)
+    for index, name in enumerate(group):
+        np.concatenate([u.factors[name][1].T for u in accepted], axis=0, out=pt[index], casting="same_kind")
+        np.concatenate([u.factors[name][0] for u in accepted], axis=0, out=q[index], casting="same_kind")
+    return pt, q
+
+
+def _norms(pt: np.ndarray, q: np.ndarray, client_ranks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """‖s_i B_i A_i‖_F per (layer, client) from the unweighted stacks; clients come sorted by rank, so
+    each rank (one scaling s_r) is one batched product_norms over a contiguous block of rows."""
+    layers = pt.shape[0]
+    norms = np.empty((layers, len(client_ranks)))
+    first = row = 0
+    for rank, run in groupby(client_ranks.tolist()):
+        count = len(list(run))
+        rows = slice(row, row + count * rank)
+        bt = pt[:, rows].reshape(layers, count, rank, pt.shape[2])
+        a = q[:, rows].reshape(layers, count, rank, q.shape[2])
+        norms[:, first:first + count] = product_norms(scales[first], np.swapaxes(bt, -1, -2), a)
+        first, row = first + count, row + count * rank
     return norms
 
 
