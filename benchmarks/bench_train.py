@@ -1,9 +1,10 @@
 """On-device training throughput and memory: the SDK (onnxruntime-training) vs PyTorch eager + peft.
 
-Usage: .venv/bin/python benchmarks/bench_train.py --bundle DIR [--steps 40] [--repeats 3]
+Usage: .venv/bin/python benchmarks/bench_train.py --bundle DIR [--steps 40] [--repeats 3] [--pad-multiple 8]
 MiniLM tier r=8, batch 16, 2 threads, real Rotten Tomatoes sentences, max 64 tokens. Each run is
 a separate process (peak RSS = its VmHWM); both sides train on identical batches, (a) padded to
-a fixed 64 tokens and (b) padded per batch after length bucketing. Prints medians and SDK/PyTorch ratios.
+a fixed 64 tokens and (b) padded per batch after length bucketing (optionally up to a multiple of
+--pad-multiple tokens, as the SDK's trainer does). Prints medians and SDK/PyTorch ratios.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ THREADS = 2
 RANK = 8
 
 
-def _batches(bundle: Path, padding: str, steps: int) -> list[dict[str, np.ndarray]]:
+def _batches(bundle: Path, padding: str, steps: int, multiple: int | None) -> list[dict[str, np.ndarray]]:
     from edge_sdk.data import batches, stratified_split
     from edge_sdk.datasets import rotten_tomatoes
     from edge_sdk.encoders import TextEncoder
     from edge_sdk.manifest import read_manifest
 
-    encoder = TextEncoder(bundle, read_manifest(bundle), max_length=MAX_LEN)
+    encoder = TextEncoder(bundle, read_manifest(bundle), max_length=MAX_LEN, pad_to_multiple_of=multiple)
     if padding == "fixed":
         encoder.tokenizer.enable_padding(pad_id=0, length=MAX_LEN)
     train, _ = stratified_split(rotten_tomatoes(), seed=0)
@@ -83,10 +84,10 @@ def _torch(bundle: Path, data: list[dict[str, np.ndarray]], warmup: int) -> list
     return times
 
 
-def worker(side: str, padding: str, bundle: Path, steps: int) -> dict:
+def worker(side: str, padding: str, bundle: Path, steps: int, multiple: int | None) -> dict:
     """One measured run in this process; returns tokens/s and peak RSS."""
     warmup = 3
-    data = _batches(bundle, padding, steps + warmup)
+    data = _batches(bundle, padding, steps + warmup, multiple)
     times = (_sdk if side == "sdk" else _torch)(bundle, data, warmup)
     tokens = sum(int(f["attention_mask"].sum()) for f in data[warmup:])
     from edge_sdk.memory import peak_rss_bytes
@@ -99,20 +100,24 @@ def worker(side: str, padding: str, bundle: Path, steps: int) -> dict:
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--steps", type=int, default=40, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--pad-multiple", type=click.IntRange(min=1), default=None,
+              help="Per-batch padding up to a multiple of this many tokens (both sides).")
 @click.option("--worker", "as_worker", nargs=2, type=str, default=None, hidden=True)
-def main(bundle: Path, steps: int, repeats: int, as_worker: tuple[str, str] | None) -> None:
+def main(bundle: Path, steps: int, repeats: int, pad_multiple: int | None, as_worker: tuple[str, str] | None) -> None:
     """Interleave SDK and PyTorch runs, each in its own process; print medians and ratios."""
     if as_worker:
-        click.echo(json.dumps(worker(as_worker[0], as_worker[1], bundle, steps)))
+        click.echo(json.dumps(worker(as_worker[0], as_worker[1], bundle, steps, pad_multiple)))
         return
+    multiple = ["--pad-multiple", str(pad_multiple)] if pad_multiple else []
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(repeats):
         for padding in ("fixed", "batch"):
             for side in ("sdk", "torch"):
                 done = subprocess.run([sys.executable, __file__, "--bundle", str(bundle), "--steps", str(steps),
-                                       "--worker", side, padding], capture_output=True, text=True, check=True)
+                                       *multiple, "--worker", side, padding], capture_output=True, text=True, check=True)
                 results.setdefault((side, padding), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
-    click.echo(f"MiniLM r={RANK}, batch {BATCH}, {THREADS} threads, {steps} steps, median of {repeats} runs")
+    click.echo(f"MiniLM r={RANK}, batch {BATCH}, {THREADS} threads, {steps} steps, median of {repeats} runs, "
+               f"per-batch padding to a multiple of {pad_multiple or 1}")
     click.echo(f"{'padding':10}{'side':8}{'tokens/s':>10}{'ms/step':>9}{'peak RSS MiB':>14}")
     rows: dict[str, dict] = {}
     for padding, label in (("fixed", "fixed 64"), ("batch", "per-batch")):
