@@ -6,8 +6,8 @@ svd-weighted and flexlora differ only in the client weights they pass in.
 from __future__ import annotations
 
 from collections import defaultdict
-from itertools import groupby
 from collections.abc import Callable, Mapping, Sequence
+from itertools import groupby
 
 import numpy as np
 
