@@ -33,7 +33,7 @@ class OpenedTier:
         return self.root / self.tier.dir / name
 
     def new_optimizer(self) -> Optimizer:
-        """A fresh AdamW optimizer over the trainable parameters (zeroed moments)."""
+        """A fresh optimizer over the trainable parameters: the bundle's AdamW (zeroed moments) or SGD graph."""
         return Optimizer(str(self.path(self.tier.optimizer_model)), self.module)
 
     def adapter_parameters(self) -> dict[str, np.ndarray]:

@@ -97,6 +97,11 @@ class Manifest:
         return self.tiers[0].lora_pairs
 
     @property
+    def optimizer(self) -> str:
+        """The optimizer graph of every tier: "adamw" or "sgd" (bundles before the option: AdamW)."""
+        return self.lora.get("optimizer", "adamw")
+
+    @property
     def head_parameters(self) -> list[str]:
         """Trainable parameters that are not LoRA factors: the task head (empty when it is frozen)."""
         return list(self.head_shapes)

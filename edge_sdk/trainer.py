@@ -237,7 +237,7 @@ class Trainer:
         return self.opened.adapter_parameters()
 
     def reset_optimizer(self) -> None:
-        """Start a fresh AdamW (zero moments, step 0), keeping the current parameters."""
+        """Start a fresh optimizer (AdamW: zero moments, step 0), keeping the current parameters."""
         self._reopen(self.opened.adapter_parameters())
 
     def _reopen(self, trainable: dict[str, np.ndarray]) -> None:

@@ -53,6 +53,10 @@ class ExportOptions:
     freeze_lora_a: bool = False
     svd_init: bool = False
     full_finetune: bool = False
+    optimizer: str = "adamw"
+
+
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def export_bundle(
@@ -94,6 +98,8 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError("--svd-init and --freeze-lora-a both set LoRA A; choose one.")
     if options.full_finetune and (options.svd_init or options.freeze_lora_a):
         raise ExportError("--full-finetune trains the weights themselves; it takes no LoRA init option.")
+    if options.optimizer not in OPTIMIZERS:
+        raise ExportError(f"Unknown optimizer '{options.optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
 
 
 def _replace(work: Path, out: Path) -> None:
@@ -142,7 +148,7 @@ def _write_bundle(
             save_file(base, str(work / BASE_WEIGHTS_FILE))
         else:
             _check_same_base(base, frozen, rank)
-        tiers.append(_write_tier(work, rank, loaded, graph, list(frozen)))
+        tiers.append(_write_tier(work, rank, loaded, graph, list(frozen), options.optimizer))
         with torch.no_grad():
             references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
         if on_tier is not None:
@@ -171,6 +177,7 @@ def _write_bundle(
             "frozen_a_seed": SHARED_A_SEED if options.freeze_lora_a else None,
             "svd_init": svd_init,
             "full_finetune": options.full_finetune,
+            "optimizer": options.optimizer,
         },
         base_weights={
             "file": BASE_WEIGHTS_FILE,
@@ -208,8 +215,9 @@ def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray],
         raise ExportError(f"Tier r={rank} exported different frozen base weights than the first tier.")
 
 
-def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto, frozen_names: list[str]) -> Tier:
-    """Generate the training/eval/optimizer graphs, nominal checkpoint, initial values and inference graph.
+def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto, frozen_names: list[str],
+                optimizer: str) -> Tier:
+    """Generate the training/eval/optimizer (AdamW or SGD) graphs, nominal checkpoint, initial values and inference graph.
 
     LoRA factors frozen by --freeze-lora-a are stored with the tier's initial values (they differ per
     tier), not with the shared base weights.
@@ -228,7 +236,7 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
             requires_grad=trainable,
             frozen_params=frozen_names + loaded.frozen_lora,
             loss=onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
-            optimizer=artifacts.OptimType.AdamW,
+            optimizer=artifacts.OptimType.SGD if optimizer == "sgd" else artifacts.OptimType.AdamW,
             artifact_directory=tier_dir,
             additional_output_names=[OUTPUT_NAME],
             nominal_checkpoint=True,

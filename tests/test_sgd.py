@@ -1,0 +1,58 @@
+"""`fedpeft-export --optimizer sgd`: devices take plain gradient steps instead of AdamW's normalized ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edge_sdk.bundle import open_tier
+from edge_sdk.datasets import rotten_tomatoes
+from edge_sdk.encoders import encoder_for
+from edge_sdk.manifest import read_manifest
+
+LR = 0.05
+
+
+@pytest.fixture(scope="module")
+def sgd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "sgd"
+    export_bundle(out, ExportOptions(ranks=(2,), optimizer="sgd"))
+    return out
+
+
+def test_sgd_bundle_steps_by_the_learning_rate_times_the_gradient(sgd_bundle: Path, minilm_bundle: Path) -> None:
+    manifest = read_manifest(sgd_bundle)
+    assert manifest.optimizer == "sgd" and read_manifest(minilm_bundle).optimizer == "adamw"
+    tier = manifest.tier(2)
+    ops = {node.op_type for node in onnx.load(str(sgd_bundle / tier.dir / tier.optimizer_model)).graph.node}
+    assert any("SGD" in op for op in ops) and not any("AdamW" in op for op in ops)
+
+    opened = open_tier(sgd_bundle, 2, threads=2)
+    optimizer = opened.new_optimizer()
+    optimizer.set_learning_rate(LR)
+    examples = rotten_tomatoes()[:16]
+    feeds = encoder_for(sgd_bundle, manifest)(examples)
+    opened.module.train()
+    opened.module(feeds["input_ids"], feeds["attention_mask"], np.array([e.label for e in examples], dtype=np.int64))
+    params = opened.state.parameters
+    before = {name: params[name].data.copy() for name in tier.trainable}
+    grads = {name: params[name].grad.copy() for name in tier.trainable}
+    optimizer.step()
+    assert any(np.abs(g).max() > 0 for g in grads.values())
+    for name in tier.trainable:
+        np.testing.assert_allclose(params[name].data, before[name] - LR * grads[name], rtol=1e-6, atol=1e-7)
+    frozen = sorted(set(tier.parameter_order) - set(tier.trainable))
+    assert frozen and all(params[name].grad is None for name in frozen[:3])
+
+
+def test_unknown_optimizer_is_refused(tmp_path: Path) -> None:
+    from export.bundle import ExportError, ExportOptions, export_bundle
+
+    with pytest.raises(ExportError, match="choose one of adamw, sgd"):
+        export_bundle(tmp_path / "b", ExportOptions(ranks=(2,), optimizer="lion"))
+    assert not (tmp_path / "b").exists()
