@@ -23,9 +23,9 @@ from aggregator.strategies import linalg
 RANKS = (2, 4, 8, 16)
 
 
-def dense_svd_of_product(p: np.ndarray, q: np.ndarray, keep: int | None = None, backend=None):
-    """The baseline: form ΔW = P @ Q and take its full SVD, with the same backend."""
-    be = backend or linalg.default_backend()
+def dense_svd_of_product(p: np.ndarray, q: np.ndarray, keep: int | None = None):
+    """The baseline: form ΔW = P @ Q and take its full SVD, on the merge's own backend."""
+    be = linalg.default_backend()
     u, s, vt = be.xp.linalg.svd(be.asarray(p) @ be.asarray(q), full_matrices=False)
     k = s.shape[1] if keep is None else min(keep, s.shape[1])
     u, s, v = be.numpy(u[:, :, :k]), be.numpy(s[:, :k]), be.numpy(be.xp.matrix_transpose(vt)[:, :, :k])
