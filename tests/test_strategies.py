@@ -147,6 +147,20 @@ def test_factored_svd_matches_dense_including_wide_stacks(backend, out, inn, ran
                                        rtol=tol, atol=tol * np.linalg.norm(dense))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20)])
+def test_gram_svd_of_rank_deficient_matrices_is_sorted_and_exact(backend, shape) -> None:
+    """A rank-3 matrix leaves a null space whose norms are rounding noise in any order: the
+    singular values must still come out sorted, and U Σ Vᵀ must still reproduce the matrix."""
+    be = backend()
+    rng = np.random.default_rng(5)
+    m = rng.standard_normal((4, shape[0], 3)) @ rng.standard_normal((4, 3, shape[1]))
+    u, s, v = (be.numpy(x) for x in linalg.svd_by_gram(be.asarray(m), be.xp))
+    assert np.all(s[:, 1:] <= s[:, :-1])
+    np.testing.assert_allclose((u * s[:, None, :]) @ np.swapaxes(v, 1, 2), m, atol=1e-10)
+    np.testing.assert_allclose(s[:, :3], np.linalg.svd(m, compute_uv=False)[:, :3], rtol=1e-10)
+
+
 @pytest.mark.parametrize("name", EXACT)
 def test_numpy_and_torch_backends_merge_alike(name, merge_backend) -> None:
     rng = np.random.default_rng(11)
