@@ -45,6 +45,8 @@ from edge_sdk.rank import RankPolicy
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
 @click.option("--r-max", type=click.IntRange(min=1), default=None, help="r_max of the rank formula [default: largest tier].")
 @click.option("--normalizers", default="4096,4.0,1000", show_default=True,
               help="M_max (MiB), C_max (steps/s), D_max (samples) of the rank formula; equal weights λ_k = 1/(3·X_max).")
@@ -56,7 +58,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          embedded_port: int, federation: str, rounds: int, clients_per_round: int | None, fraction: float | None,
          min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,
          metrics_file: Path | None, seed: int,
-         steps: int | None, epochs: int, batch_size: int, lr: float, r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int,
+         steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int,
          log_level: str) -> None:
     """Sample online clients, collect and validate their adapters, merge, persist and publish each round."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -76,7 +78,8 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
         federation=federation, rounds=rounds, state_dir=state_dir, clients_per_round=clients_per_round,
         fraction=fraction, min_clients=min_clients, min_online=min_online, round_timeout=round_timeout,
         strategy=strategy, seed=seed,
-        training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr), rank_policy=policy, head=head, dtype=dtype,
+        training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                                proximal_mu=proximal_mu), rank_policy=policy, head=head, dtype=dtype,
         chunk_size=chunk_size, metrics_file=metrics_file,
     )
     embedded = None

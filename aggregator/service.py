@@ -89,6 +89,11 @@ class Aggregator:
         self.bundle, self.options, self.on_round = Path(bundle), options, on_round
         self.manifest = read_manifest(self.bundle)
         check_strategy(options.strategy, self.manifest)
+        if options.training.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be ≥ 0, got {options.training.proximal_mu}.")
+        if options.training.proximal_mu and not self.manifest.proximal:
+            raise ValueError("proximal_mu > 0 needs a bundle whose graphs carry FedProx's term: "
+                             "export it with `fedpeft-export --proximal`.")
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
         self.store = StateDir(options.state_dir)

@@ -54,7 +54,7 @@ def _sdk(bundle: Path, data: list[dict[str, np.ndarray]], warmup: int) -> list[f
     times = []
     for i, feeds in enumerate(data):
         start = time.perf_counter()
-        opened.module(feeds["input_ids"], feeds["attention_mask"], feeds["labels"])
+        opened.run([feeds["input_ids"], feeds["attention_mask"]], feeds["labels"])
         optimizer.step()
         opened.module.lazy_reset_grad()
         if i >= warmup:

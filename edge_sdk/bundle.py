@@ -7,6 +7,7 @@ values, in one contiguous buffer laid out in the training graph's parameter orde
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from edge_sdk.files import sha256_file
-from edge_sdk.manifest import BundleError, Manifest, Tier, read_manifest
+from edge_sdk.manifest import PROXIMAL_MU_INPUT, BundleError, Manifest, Tier, anchor_input, read_manifest
 from edge_sdk.ort_training import CheckpointState, Module, Optimizer, ort
 
 
@@ -31,6 +32,30 @@ class OpenedTier:
     def path(self, name: str) -> Path:
         """A file of this tier."""
         return self.root / self.tier.dir / name
+
+    def run(
+        self,
+        inputs: Sequence[np.ndarray],
+        labels: np.ndarray,
+        proximal_mu: float = 0.0,
+        anchors: Mapping[str, np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """One call of the training graph (train mode: loss and gradients) or the eval graph: (loss, logits).
+
+        `inputs` follow the manifest's inputs. A `--proximal` bundle also takes FedProx's μ and the
+        anchors θ_anchor, one per trainable tensor (default: the current values, so the term is 0).
+        """
+        if not self.manifest.proximal:
+            if proximal_mu:
+                raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
+            return self.module(*inputs, labels)
+        if anchors is None:
+            anchors = {name: param.data for name, param in self.state.parameters if name in self.tier.trainable}
+        named = {spec.name: x for spec, x in zip(self.manifest.inputs, inputs)}
+        named[self.manifest.label_input.name] = labels
+        named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
+        named.update((anchor_input(name), anchors[name]) for name in self.tier.trainable)
+        return self.module(*(named[name] for name in self.module.input_names()))
 
     def new_optimizer(self) -> Optimizer:
         """A fresh optimizer over the trainable parameters: the bundle's AdamW (zeroed moments) or SGD graph."""

@@ -10,6 +10,13 @@ from pathlib import Path
 FORMAT = "fedpeft-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+PROXIMAL_MU_INPUT = "proximal_mu"
+"""Graph input of a `--proximal` bundle: FedProx's μ, a float32 scalar (0 turns the term off)."""
+
+
+def anchor_input(parameter: str) -> str:
+    """Graph input of a `--proximal` bundle holding the round's starting value of `parameter`."""
+    return f"{parameter}.anchor"
 
 
 class BundleError(Exception):
@@ -100,6 +107,11 @@ class Manifest:
     def optimizer(self) -> str:
         """The optimizer graph of every tier: "adamw" or "sgd" (bundles before the option: AdamW)."""
         return self.lora.get("optimizer", "adamw")
+
+    @property
+    def proximal(self) -> bool:
+        """Whether the training graphs add FedProx's (μ/2)·Σ‖θ − θ_anchor‖² (`fedpeft-export --proximal`)."""
+        return bool(self.lora.get("proximal", False))
 
     @property
     def head_parameters(self) -> list[str]:

@@ -32,7 +32,7 @@ def main(bundle: str, rank: int, batch_file: str, threads: int | None, device: s
     """Train `rank` on one batch repeatedly; report peak RSS and median steps/s."""
     batch = load_file(batch_file)
     opened = open_tier(bundle, rank, device=device, threads=threads, verify=False)
-    inputs = [batch[spec.name] for spec in opened.manifest.inputs] + [batch["labels"].astype(np.int64)]
+    inputs, labels = [batch[spec.name] for spec in opened.manifest.inputs], batch["labels"].astype(np.int64)
     optimizer = opened.new_optimizer()
     opened.module.train()
     ort.set_seed(0)
@@ -40,7 +40,7 @@ def main(bundle: str, rank: int, batch_file: str, threads: int | None, device: s
     deadline = time.perf_counter() + seconds
     for step in range(max_steps + 1):
         start = time.perf_counter()
-        opened.module(*inputs)
+        opened.run(inputs, labels)
         optimizer.step()
         opened.module.lazy_reset_grad()
         if step:

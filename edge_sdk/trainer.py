@@ -138,18 +138,27 @@ class Trainer:
         warmup_steps: int = 0,
         seed: int = 0,
         bucketing: bool = True,
+        proximal_mu: float = 0.0,
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> FitReport:
         """Train `epochs` passes over `data` (or exactly `steps` batches, cycling epochs as needed).
 
-        `on_step(step, loss)` reports progress; `should_stop()` ends training early between steps.
+        `proximal_mu` > 0 adds FedProx's (μ/2)·‖θ − θ₀‖², θ₀ the trainable values this call starts
+        from (the received global adapter), which holds one-sided local data from dragging the
+        adapter far; it needs a `--proximal` bundle. `on_step(step, loss)` reports progress;
+        `should_stop()` ends training early between steps.
         """
         examples = self._materialize(data)
         per_epoch = math.ceil(len(examples) / batch_size)
         total = steps if steps is not None else epochs * per_epoch
         if total < 1:
             raise ValueError("Nothing to train: epochs and steps must be at least 1.")
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be ≥ 0, got {proximal_mu}.")
+        if proximal_mu and not self.manifest.proximal:
+            raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
+        anchors = self.state() if self.manifest.proximal else None
         lengths = self.encoder.lengths(examples) if bucketing else None
         ort.set_seed(seed)
         self.opened.module.train()
@@ -162,7 +171,7 @@ class Trainer:
                     break
                 self.optimizer.set_learning_rate(learning_rate(len(losses), total, lr, schedule, warmup_steps))
                 feeds = self.encoder(batch)
-                loss, _ = self.opened.module(*self._inputs(feeds), _labels(batch))
+                loss, _ = self.opened.run(self._inputs(feeds), _labels(batch), proximal_mu, anchors)
                 self.optimizer.step()
                 self.opened.module.lazy_reset_grad()
                 losses.append(float(loss))
@@ -186,7 +195,7 @@ class Trainer:
         total_loss, predictions, labels = 0.0, [], []
         for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
             targets = _labels(batch)
-            loss, logits = self.opened.module(*self._inputs(self.encoder(batch)), targets)
+            loss, logits = self.opened.run(self._inputs(self.encoder(batch)), targets)
             total_loss += float(loss) * len(batch)
             predictions.append(np.argmax(logits, axis=-1))
             labels.append(targets)

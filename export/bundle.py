@@ -54,6 +54,7 @@ class ExportOptions:
     svd_init: bool = False
     full_finetune: bool = False
     optimizer: str = "adamw"
+    proximal: bool = False
 
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -148,7 +149,7 @@ def _write_bundle(
             save_file(base, str(work / BASE_WEIGHTS_FILE))
         else:
             _check_same_base(base, frozen, rank)
-        tiers.append(_write_tier(work, rank, loaded, graph, list(frozen), options.optimizer))
+        tiers.append(_write_tier(work, rank, loaded, graph, list(frozen), options.optimizer, options.proximal))
         with torch.no_grad():
             references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
         if on_tier is not None:
@@ -178,6 +179,7 @@ def _write_bundle(
             "svd_init": svd_init,
             "full_finetune": options.full_finetune,
             "optimizer": options.optimizer,
+            "proximal": options.proximal,
         },
         base_weights={
             "file": BASE_WEIGHTS_FILE,
@@ -216,18 +218,24 @@ def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray],
 
 
 def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto, frozen_names: list[str],
-                optimizer: str) -> Tier:
+                optimizer: str, proximal: bool) -> Tier:
     """Generate the training/eval/optimizer (AdamW or SGD) graphs, nominal checkpoint, initial values and inference graph.
+
+    With `proximal` the loss carries FedProx's term, its μ and anchors as extra graph inputs.
 
     LoRA factors frozen by --freeze-lora-a are stored with the tier's initial values (they differ per
     tier), not with the shared base weights.
     """
     from onnxruntime.training import artifacts, onnxblock
 
+    from export.loss import ProximalCrossEntropy
+
     tier_dir = work / "tiers" / f"r{rank}"
     tier_dir.mkdir(parents=True)
     trainable = loaded.trainable
     inits = {init.name: init for init in graph.graph.initializer}
+    loss = (ProximalCrossEntropy({n: list(inits[n].dims) for n in trainable}, IGNORE_INDEX) if proximal
+            else onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX))
     save_file({n: numpy_helper.to_array(inits[n]) for n in trainable + loaded.frozen_lora},
               str(tier_dir / "trainable_init.safetensors"))
     with _native_stderr_captured(f"generating training artifacts for r={rank}"):
@@ -235,7 +243,7 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
             graph,
             requires_grad=trainable,
             frozen_params=frozen_names + loaded.frozen_lora,
-            loss=onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
+            loss=loss,
             optimizer=artifacts.OptimType.SGD if optimizer == "sgd" else artifacts.OptimType.AdamW,
             artifact_directory=tier_dir,
             additional_output_names=[OUTPUT_NAME],
@@ -344,7 +352,7 @@ def _verify_tier(work: Path, tier: Tier, feeds: list[np.ndarray], reference: np.
         )
     labels = np.zeros(reference.shape[0], dtype=np.int64)
     opened.module.eval()
-    _, eval_logits = opened.module(*feeds, labels)
+    _, eval_logits = opened.run(feeds, labels)
     inference = ort.InferenceSession(str(work / tier.dir / tier.inference_model), providers=["CPUExecutionProvider"])
     names = [spec.name for spec in opened.manifest.inputs]
     (inference_logits,) = inference.run([OUTPUT_NAME], dict(zip(names, feeds)))

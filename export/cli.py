@@ -58,10 +58,13 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
               help="On-device optimizer graph. AdamW steps every weight by about the learning rate whatever "
                    "the gradient's size; plain SGD steps in proportion to the gradient.")
+@click.option("--proximal", is_flag=True,
+              help="FedProx: the training graphs add (μ/2)·‖θ − θ_round start‖² over the trainable tensors, μ fed "
+                   "at run time (`fedpeft-aggregator --proximal-mu`; 0 turns it off).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
-         svd_init: bool, full_finetune: bool, optimizer: str, force: bool) -> None:
+         svd_init: bool, full_finetune: bool, optimizer: str, proximal: bool, force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.bundle import ExportOptions, export_bundle
@@ -83,6 +86,7 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
         svd_init=svd_init,
         full_finetune=full_finetune,
         optimizer=optimizer,
+        proximal=proximal,
     )
     start = time.perf_counter()
     try:

@@ -24,7 +24,7 @@ def _task() -> RoundTask:
 
 def test_messages_round_trip_with_version_and_kind():
     config = FederationConfig("fed", "0123", [2, 8], {"r_max": 8}, "shared", "int8", 1 << 20,
-                              TrainingConfig(steps=5, lr=2e-3), 3)
+                              TrainingConfig(steps=5, lr=2e-3, proximal_mu=0.01), 3)
     for message in (config, _task(), ClientStatus("dev-1", "online", rank=8, profile={"threads": 1})):
         payload = encode_message(message)
         assert json.loads(payload)["version"] == 1

@@ -36,6 +36,8 @@ class TrainingConfig:
     lr: float = 1e-3
     schedule: str = "linear"
     warmup_steps: int = 0
+    proximal_mu: float = 0.0
+    """FedProx's μ (0: plain local training); > 0 needs a `--proximal` bundle."""
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,8 @@ def main(verbose: bool) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Central test examples scored per round (the whole split after the last).")
@@ -111,13 +113,14 @@ def main(verbose: bool) -> None:
 @click.option("--plot/--no-plot", default=True, show_default=True)
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
-        seed: int, epochs: int, batch_size: int, lr: float, dtype: str, eval_samples: int, local_eval_every: int,
+        seed: int, epochs: int, batch_size: int, lr: float, proximal_mu: float, dtype: str, eval_samples: int, local_eval_every: int,
         pool_limit: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
         bundle=_data_bundle(bundle, data), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
         rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
-        training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant"), dtype=dtype,
+        training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
+                                proximal_mu=proximal_mu), dtype=dtype,
         eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
     )
     summary = run_simulation(config)
