@@ -48,13 +48,15 @@ class FitReport:
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Mean loss, accuracy and macro-F1 (over the classes present in labels or predictions)."""
+    """Mean loss, accuracy, macro-F1 (over the classes present in labels or predictions) and, for
+    two-class bundles, ROC AUC: whether the model ranks the classes apart, whatever its threshold."""
 
     loss: float
     accuracy: float
     macro_f1: float
     samples: int
     wall_seconds: float
+    roc_auc: float | None = None
 
 
 def available_device() -> str:
@@ -89,6 +91,21 @@ def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
         fn = np.sum((predictions != cls) & (labels == cls))
         scores.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores)) if scores else math.nan
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for label 1 against label 0: the probability that a
+    random positive outscores a random negative, ties counting half (the Mann–Whitney U statistic
+    from average ranks). None unless both labels occur."""
+    positive = labels == 1
+    n_pos, n_neg = int(positive.sum()), int((labels == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="stable")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 class Trainer:
@@ -188,21 +205,24 @@ class Trainer:
         )
 
     def evaluate(self, data: Dataset, batch_size: int = 64) -> EvalReport:
-        """Loss, accuracy and macro-F1 on `data` with the eval graph (dropout off)."""
+        """Loss, accuracy, macro-F1 (and ROC AUC for two classes) on `data` with the eval graph (dropout off)."""
         examples = self._materialize(data)
         start = time.perf_counter()
         self.opened.module.eval()
-        total_loss, predictions, labels = 0.0, [], []
+        total_loss, predictions, labels, margins = 0.0, [], [], []
         for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
             targets = _labels(batch)
             loss, logits = self.opened.run(self._inputs(self.encoder(batch)), targets)
             total_loss += float(loss) * len(batch)
             predictions.append(np.argmax(logits, axis=-1))
             labels.append(targets)
+            if logits.shape[-1] == 2:
+                margins.append(logits[:, 1] - logits[:, 0])
         truth, predicted = np.concatenate(labels), np.concatenate(predictions)
         return EvalReport(
             loss=total_loss / len(examples), accuracy=float(np.mean(truth == predicted)),
             macro_f1=macro_f1(truth, predicted), samples=len(examples), wall_seconds=time.perf_counter() - start,
+            roc_auc=roc_auc(truth, np.concatenate(margins)) if margins else None,
         )
 
     def get_adapter(self) -> Adapter:

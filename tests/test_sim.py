@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edge_sdk.protocol import TrainingConfig
+from examples.sim.rescore import rescore_run
 from examples.sim.simulation import SimConfig, run_simulation
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,12 @@ def test_small_federation_learns_and_counts_bytes_from_real_payloads(minilm_bund
     assert {int(r) for r in summary["ranks"]} <= {2, 8} and sum(summary["ranks"].values()) == 6
     assert set(rows[-1]["local_accuracy_by_tier"]) == {c["preset"] for c in split.values()}
     assert 0 <= summary["worst_client_accuracy"] <= summary["local_accuracy_mean"] <= 1
+    assert all(0 <= r["central_roc_auc"] <= 1 for r in rows)
+
+    rescored = rescore_run(out)
+    assert [r["round"] for r in rescored] == [0, 1, 2, 3]
+    assert [r["accuracy"] for r in rescored[:3]] == pytest.approx([r["central_accuracy"] for r in rows[:3]])
+    assert [r["roc_auc"] for r in rescored[:3]] == pytest.approx([r["central_roc_auc"] for r in rows[:3]])
 
 
 def test_fashion_mnist_transfer_task_holds_only_the_classes_the_base_never_saw() -> None:

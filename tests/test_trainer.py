@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_sdk.adapter import Adapter
 from edge_sdk.data import Example, batches, stratified_split
 from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
 from edge_sdk.ort_training import ort
 from edge_sdk.peft_format import write_peft_adapter
-from edge_sdk.trainer import Trainer, learning_rate, macro_f1
+from edge_sdk.trainer import Trainer, learning_rate, macro_f1, roc_auc
 from edge_sdk.trainers import TrainerPool
 from export.cli import main as export_cli
 from tests.conftest import peft_logits
@@ -134,6 +136,18 @@ def test_learning_rate_schedules_and_macro_f1() -> None:
     labels, predicted = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
     # class 0: tp1 fp1 fn1 → 0.5; class 1: tp2 fp1 fn0 → 0.8; class 2: tp0 fn1 → 0.
     assert macro_f1(labels, predicted) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(-3, 3)), min_size=1, max_size=40))
+def test_roc_auc_is_the_pairwise_win_rate_with_ties_counting_half(pairs) -> None:
+    labels, scores = (np.array(column) for column in zip(*pairs))
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    if len(positives) == 0 or len(negatives) == 0:
+        assert roc_auc(labels, scores.astype(float)) is None
+        return
+    wins = (positives[:, None] > negatives[None, :]) + 0.5 * (positives[:, None] == negatives[None, :])
+    assert roc_auc(labels, scores.astype(float)) == pytest.approx(wins.mean())
 
 
 def test_peft_adapter_folder_reproduces_ort_logits(minilm_bundle: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from edge_sdk.files import write_atomic
 from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
@@ -129,6 +130,27 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         summary["plots"] = [str(plots.accuracy_per_round({strategy: rows}, strategy, out / "accuracy.png")),
                             str(plots.accuracy_per_byte({strategy: rows}, strategy, out / "bytes.png"))]
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Central test examples to score [default: the run's per-round subset].")
+@click.option("--bundle", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The run's bundle, if it moved [default: the path the run recorded].")
+def rescore(run_dir: Path, samples: int | None, bundle: Path | None) -> None:
+    """Score every round's saved global adapter of a finished run: accuracy, macro-F1, ROC AUC."""
+    from examples.sim.rescore import rescore_run
+
+    try:
+        rows = rescore_run(run_dir, samples, bundle)
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'ROC AUC':>8}")
+    for row in rows:
+        auc = "—" if row["roc_auc"] is None else f"{row['roc_auc']:.3f}"
+        click.echo(f"{row['round']:>5} {row['accuracy']:>9.3f} {row['macro_f1']:>9.3f} {auc:>8}")
+    write_atomic(run_dir / "rescore.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 @main.command()

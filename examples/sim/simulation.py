@@ -151,7 +151,8 @@ class Evaluator:
             trainer.load_state(None)
             central = trainer.evaluate(self.central)
         self._append({"round": 0, "strategy": self.config.strategy, "central_accuracy": central.accuracy,
-                      "central_macro_f1": central.macro_f1, "central_samples": central.samples, "eval_rank": top,
+                      "central_macro_f1": central.macro_f1, "central_roc_auc": central.roc_auc,
+                      "central_samples": central.samples, "eval_rank": top,
                       "bytes_up": 0, "bytes_down": 0, "full_fedavg_bytes": 0, "full_fedavg_bytes_up": 0,
                       "energy_joules": 0.0})
 
@@ -166,8 +167,8 @@ class Evaluator:
             central = trainer.evaluate(self.final if last else self.central)
         row = {
             "round": round_number, "strategy": self.config.strategy, "central_accuracy": central.accuracy,
-            "central_macro_f1": central.macro_f1, "central_samples": central.samples, "eval_rank": top,
-            **self._traffic(record), **self._clients(round_number),
+            "central_macro_f1": central.macro_f1, "central_roc_auc": central.roc_auc,
+            "central_samples": central.samples, "eval_rank": top, **self._traffic(record), **self._clients(round_number),
         }
         if last or round_number % self.config.local_eval_every == 0:
             row.update(self._local(globals_))
