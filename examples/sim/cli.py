@@ -134,16 +134,15 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--samples", type=click.IntRange(min=1), default=None,
-              help="Central test examples to score [default: the run's per-round subset].")
 @click.option("--bundle", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The run's bundle, if it moved [default: the path the run recorded].")
-def rescore(run_dir: Path, samples: int | None, bundle: Path | None) -> None:
-    """Score every round's saved global adapter of a finished run: accuracy, macro-F1, ROC AUC."""
+def rescore(run_dir: Path, bundle: Path | None) -> None:
+    """Score every round's saved global adapter of a finished run again, on the examples the run scored:
+    accuracy, macro-F1, ROC AUC. The report reads RUN_DIR/rescore.jsonl for runs made before a metric."""
     from examples.sim.rescore import rescore_run
 
     try:
-        rows = rescore_run(run_dir, samples, bundle)
+        rows = rescore_run(run_dir, bundle)
     except FileNotFoundError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'ROC AUC':>8}")

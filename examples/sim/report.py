@@ -207,7 +207,19 @@ def upload_ratio(rows: list[dict]) -> float:
 
 
 def _rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """A run's per-round metrics; ROC AUC taken from `fedpeft-sim rescore` (rescore.jsonl) for runs made before it."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rescored = folder / "rescore.jsonl"
+    if rescored.exists():
+        auc = {r["round"]: r["roc_auc"] for r in map(json.loads, rescored.read_text().splitlines())}
+        for row in rows:
+            row.setdefault("central_roc_auc", auc.get(row["round"]))
+    return rows
+
+
+def _final_auc(rows: list[dict]) -> str:
+    value = rows[-1].get("central_roc_auc")
+    return "–" if value is None else f"{value:.3f}"
 
 
 def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dict, docs: Path, invocation: str,
@@ -295,23 +307,27 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
 def _grid(plan: Plan, results: dict, ceiling: dict,
           heading: str = "## Strategies × partitions (float32, seed 0)") -> list[str]:
     lines = [heading, "",
-             "| strategy | partition | final acc | last-3 mean | worst client | low/high tier | ranks | "
-             "upload total | % of full FedAvg | wall |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "| strategy | partition | final acc | final AUC | last-3 mean | worst client | low/high tier | ranks | "
+             "upload total | % of full FedAvg | wall |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for part in plan.partitions:
         for strategy in plan.strategies:
             key, label = f"{strategy}_{part}_float32_s0", LABELS.get(strategy, strategy)
             if key not in results:
-                lines.append(f"| {label} | {PARTITION_NAMES[part]} | not run | | | | | | | |")
+                lines.append(f"| {label} | {PARTITION_NAMES[part]} | not run | | | | | | | | |")
                 continue
             s, rows = results[key]
             ranks = " ".join(f"{r}:{n}" for r, n in s["ranks"].items())
             ratio = "–" if s["low_high_ratio"] is None else f"{s['low_high_ratio']:.2f}"
             lines.append(
-                f"| {label} | {PARTITION_NAMES[part]} | {s['final_accuracy']:.3f} | {s['accuracy_last3']:.3f} | "
+                f"| {label} | {PARTITION_NAMES[part]} | {s['final_accuracy']:.3f} | {_final_auc(rows)} | "
+                f"{s['accuracy_last3']:.3f} | "
                 f"{s['worst_client_accuracy']:.2f} | {ratio} | {ranks} | {s['bytes_up'] / 1e6:.1f} MB | "
                 f"{upload_ratio(rows):.3%} | {s['wall_seconds'] / 60:.1f} min |")
     return lines + ["", "Final acc: the global adapter at r=16 on the whole central test split after the last "
-                    "round. Worst client: lowest local-test accuracy of the final global at the client's tier. "
+                    "round. Final AUC: its ROC AUC there (two classes only), which does not depend on the decision "
+                    "threshold: near 0.5, the model does not tell the classes apart; well above 0.5 with the "
+                    "accuracy at the majority share, it ranks them but its head's bias puts every review on one "
+                    "side. Worst client: lowest local-test accuracy of the final global at the client's tier. "
                     "Low/high: mean local accuracy of low-preset clients over high-preset clients.", ""]
 
 
@@ -319,14 +335,14 @@ def _seeds(plan: Plan, results: dict, heading: str = "## Headline") -> list[str]
     if len(plan.seeds) < 2:
         return []
     lines = [f"{heading}: α=0.1, {len(plan.seeds)} seeds (partition, sampling and training all reseeded)", "",
-             "| strategy | final acc mean ± std | per seed |", "|---|---:|---|"]
+             "| strategy | final acc mean ± std | per seed | final AUC per seed |", "|---|---:|---|---|"]
     for strategy in HEADLINE:
-        values = [results[k][0]["final_accuracy"] for k in (f"{strategy}_alpha0.1_float32_s{s}" for s in plan.seeds)
-                  if k in results]
-        if not values:
+        keys = [k for k in (f"{strategy}_alpha0.1_float32_s{s}" for s in plan.seeds) if k in results]
+        if not keys:
             continue
+        values = [results[k][0]["final_accuracy"] for k in keys]
         lines.append(f"| {strategy} | {np.mean(values):.3f} ± {np.std(values):.3f} | "
-                     f"{', '.join(f'{v:.3f}' for v in values)} |")
+                     f"{', '.join(f'{v:.3f}' for v in values)} | {', '.join(_final_auc(results[k][1]) for k in keys)} |")
     return lines + [""]
 
 
