@@ -181,8 +181,8 @@ def _run_grid(plan: Plan, bundle: Path, work: Path, resume: bool, run: bool) -> 
 def _finished(config: SimConfig) -> bool:
     """Whether the run folder holds this config's finished run.
 
-    A field added to SimConfig since the run was recorded counts at its default; a field removed
-    since counts only if it was unset (None).
+    A field added to SimConfig (or to its nested configs) since the run was recorded counts at its
+    default; a field removed since counts only if it was unset (None).
     """
     summary = config.out / "summary.json"
     if not summary.exists():
@@ -190,10 +190,23 @@ def _finished(config: SimConfig) -> bool:
     recorded = json.loads(summary.read_text())["config"]
     current = json.loads(json.dumps(config_record(config)))
     defaults = json.loads(json.dumps(config_record(SimConfig(bundle=config.bundle, out=config.out))))
+    return _upgraded(recorded, current, defaults) == current
+
+
+def _upgraded(recorded: dict, current: dict, defaults: dict) -> dict | None:
+    """`recorded` with the fields of `current` it lacks at their defaults; None if it holds a set field
+    that `current` no longer has."""
     if any(recorded[k] is not None for k in recorded.keys() - current.keys()):
-        return False
-    kept = {k: v for k, v in recorded.items() if k in current}
-    return {**{k: v for k, v in defaults.items() if k not in recorded}, **kept} == current
+        return None
+    out = {}
+    for key, value in current.items():
+        if key not in recorded:
+            out[key] = defaults.get(key)
+        elif isinstance(value, dict) and isinstance(recorded[key], dict) and isinstance(defaults.get(key), dict):
+            out[key] = _upgraded(recorded[key], value, defaults[key])
+        else:
+            out[key] = recorded[key]
+    return out
 
 
 def upload_ratio(rows: list[dict]) -> float:
@@ -327,7 +340,8 @@ def _grid(plan: Plan, results: dict, ceiling: dict,
                     "round. Final AUC: its ROC AUC there (two classes only), which does not depend on the decision "
                     "threshold: near 0.5, the model does not tell the classes apart; well above 0.5 with the "
                     "accuracy at the majority share, it ranks them but its head's bias puts every review on one "
-                    "side. Worst client: lowest local-test accuracy of the final global at the client's tier. "
+                    "side (runs recorded before the metric: `fedpeft-sim rescore`, which scores their saved global "
+                    "adapters on the same examples). Worst client: lowest local-test accuracy of the final global at the client's tier. "
                     "Low/high: mean local accuracy of low-preset clients over high-preset clients.", ""]
 
 
@@ -416,6 +430,14 @@ def _observations(plan: Plan, results: dict, heading: str = "## What the runs sh
                         "model toward it, with the head trained or frozen ([experiments.md](experiments.md)); "
                         "neither the merge rule nor a server optimizer undid that here (the independent "
                         "reference run in the notes saw the same)." if collapsed else "."))
+    auc = {name: rows[-1]["central_roc_auc"] for name, (_, rows) in results.items()
+           if name.split("_")[1] == "alpha0.1" and rows[-1].get("central_roc_auc") is not None}
+    if auc:
+        ranked = sorted(auc, key=auc.get)
+        lines.append(f"- α=0.1, threshold-free: final ROC AUC from {auc[ranked[0]]:.3f} ({ranked[0]}) to "
+                     f"{auc[ranked[-1]]:.3f} ({ranked[-1]}); {sum(v < 0.55 for v in auc.values())} of {len(auc)} "
+                     "runs end below 0.55, telling the classes apart no better than chance; the others rank reviews "
+                     "above chance while their accuracy stays near the majority share.")
     return lines + [""]
 
 
