@@ -308,8 +308,9 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "- ffa-lora uploads its frozen A with B (the codec carries both factors and the strategy checks A), so "
         "its bytes equal the others'; sending B alone would halve them.",
         "",
-        "Experiments beyond this grid (a server optimizer, a frozen head, ffa-lora at a higher learning rate, "
-        "the full fine-tuning lr) are in [experiments.md](experiments.md).",
+        "Experiments beyond this grid (a server optimizer, a frozen head, a lower lr, local SGD, label-balanced "
+        "merge weights, FedProx, ROC AUC per round at α=0.1, ffa-lora at a higher learning rate, the full "
+        "fine-tuning lr) are in [experiments.md](experiments.md).",
         "",
     ]
     docs.parent.mkdir(parents=True, exist_ok=True)
