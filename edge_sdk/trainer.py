@@ -162,8 +162,8 @@ class Trainer:
         """Train `epochs` passes over `data` (or exactly `steps` batches, cycling epochs as needed).
 
         `proximal_mu` > 0 adds FedProx's (μ/2)·‖θ − θ₀‖², θ₀ the trainable values this call starts
-        from (the received global adapter), which holds one-sided local data from dragging the
-        adapter far; it needs a `--proximal` bundle. `on_step(step, loss)` reports progress;
+        from (the received global adapter), pulling local training back toward them; it needs a
+        `--proximal` bundle. `on_step(step, loss)` reports progress;
         `should_stop()` ends training early between steps.
         """
         examples = self._materialize(data)
@@ -173,8 +173,6 @@ class Trainer:
             raise ValueError("Nothing to train: epochs and steps must be at least 1.")
         if proximal_mu < 0:
             raise ValueError(f"proximal_mu must be ≥ 0, got {proximal_mu}.")
-        if proximal_mu and not self.manifest.proximal:
-            raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
         anchors = self.state() if self.manifest.proximal else None
         lengths = self.encoder.lengths(examples) if bucketing else None
         ort.set_seed(seed)
