@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from edge_sdk.embeddings import EmbeddingRows
 from edge_sdk.files import sha256_file
 from edge_sdk.manifest import PROXIMAL_MU_INPUT, BundleError, Manifest, Tier, anchor_input, read_manifest
 from edge_sdk.ort_training import CheckpointState, Module, Optimizer, ort
@@ -28,6 +29,7 @@ class OpenedTier:
     tier: Tier
     state: CheckpointState
     module: Module
+    embeddings: EmbeddingRows | None = None
 
     def path(self, name: str) -> Path:
         """A file of this tier."""
@@ -42,19 +44,22 @@ class OpenedTier:
     ) -> list[np.ndarray]:
         """One call of the training graph (train mode: loss and gradients) or the eval graph: (loss, logits).
 
-        `inputs` follow the manifest's inputs. A `--proximal` bundle also takes FedProx's μ and the
-        anchors θ_anchor, one per trainable tensor (default: the current values, so the term is 0).
+        `inputs` follow the manifest's inputs; where the bundle has an embedding lookup, the token
+        rows are gathered here. A `--proximal` bundle also takes FedProx's μ and the anchors
+        θ_anchor, one per trainable tensor (default: the current values, so the term is 0).
         """
-        if not self.manifest.proximal:
-            if proximal_mu:
-                raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
-            return self.module(*inputs, labels)
-        if anchors is None:
-            anchors = {name: param.data for name, param in self.state.parameters if name in self.tier.trainable}
+        if proximal_mu and not self.manifest.proximal:
+            raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
         named = {spec.name: x for spec, x in zip(self.manifest.inputs, inputs)}
         named[self.manifest.label_input.name] = labels
-        named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
-        named.update((anchor_input(name), anchors[name]) for name in self.tier.trainable)
+        lookup = self.manifest.embedding_lookup
+        if lookup and self.embeddings is not None:
+            named[lookup["input"]] = self.embeddings(named[lookup["ids"]])
+        if self.manifest.proximal:
+            if anchors is None:
+                anchors = {name: param.data for name, param in self.state.parameters if name in self.tier.trainable}
+            named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
+            named.update((anchor_input(name), anchors[name]) for name in self.tier.trainable)
         return self.module(*(named[name] for name in self.module.input_names()))
 
     def new_optimizer(self) -> Optimizer:
@@ -121,7 +126,9 @@ def open_tier(
             f"{module.get_parameters_size(trainable_only=False)}; the bundle is inconsistent. Re-export it."
         )
     module.copy_buffer_to_parameters(ort.OrtValue.ortvalue_from_numpy(buffer)._ortvalue, trainable_only=False)
-    return OpenedTier(root=root, manifest=manifest, tier=tier, state=state, module=module)
+    lookup = manifest.embedding_lookup
+    embeddings = EmbeddingRows(base, lookup["table"]) if lookup else None
+    return OpenedTier(root=root, manifest=manifest, tier=tier, state=state, module=module, embeddings=embeddings)
 
 
 def _parameter_buffer(tier: Tier, base: Path, init: Path) -> np.ndarray:

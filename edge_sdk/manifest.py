@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FORMAT = "fedpeft-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added `embedding_lookup`; version 1 bundles (no lookup) are still read."""
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 PROXIMAL_MU_INPUT = "proximal_mu"
 """Graph input of a `--proximal` bundle: FedProx's μ, a float32 scalar (0 turns the term off)."""
@@ -93,6 +95,10 @@ class Manifest:
     peft_config: dict
     head_shapes: dict[str, list[int]]
     tiers: list[Tier] = field(default_factory=list)
+    embedding_lookup: dict | None = None
+    """The token-embedding lookup the device does before each graph call, outside the graphs:
+    {"table": base-weights tensor, "ids": the input whose rows it gathers, "input": the graph input
+    it feeds}. The table is never loaded whole (see `edge_sdk.embeddings`). None: the graphs gather."""
 
     @property
     def ranks(self) -> list[int]:
@@ -132,10 +138,10 @@ class Manifest:
     def from_dict(cls, data: dict) -> Manifest:
         if data.get("format") != FORMAT:
             raise BundleError(f"Not a FedPEFT bundle manifest (format={data.get('format')!r}).")
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") not in READABLE_VERSIONS:
             raise BundleError(
                 f"Bundle format version {data.get('format_version')} is not supported by this SDK "
-                f"(it reads version {FORMAT_VERSION}); re-export the bundle with a matching fedpeft-export."
+                f"(it reads versions {list(READABLE_VERSIONS)}); re-export the bundle with a matching fedpeft-export."
             )
         try:
             return cls(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -20,17 +19,19 @@ from onnx import numpy_helper
 from safetensors.numpy import save_file
 
 from edge_sdk.bundle import open_tier
+from edge_sdk.embeddings import safetensors_header
 from edge_sdk.files import sha256_file
 from edge_sdk.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, Manifest, TensorSpec, Tier
 from export import __version__
 from export.errors import ExportError
-from export.graph import OUTPUT_NAME, export_forward, frozen_initializers
+from export.graph import OUTPUT_NAME, detach_embedding_lookup, export_forward, frozen_initializers
 from export.model import (
     SHARED_A_SEED, TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs,
 )
 
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
+TOKEN_IDS = "input_ids"
 PRINCIPAL_FILE = "svd_init.safetensors"
 PARITY_TOLERANCE = 1e-4
 MAX_IR_VERSION = 10
@@ -149,7 +150,10 @@ def _write_bundle(
             save_file(base, str(work / BASE_WEIGHTS_FILE))
         else:
             _check_same_base(base, frozen, rank)
-        tiers.append(_write_tier(work, rank, loaded, graph, list(frozen), options.optimizer, options.proximal))
+        training = onnx.ModelProto()
+        training.CopyFrom(graph)
+        lookup = detach_embedding_lookup(training, TOKEN_IDS, set(frozen))
+        tiers.append(_write_tier(work, rank, loaded, graph, training, list(frozen), options.optimizer, options.proximal))
         with torch.no_grad():
             references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
         if on_tier is not None:
@@ -192,6 +196,7 @@ def _write_bundle(
         peft_config=first.peft_config,
         head_shapes={n: s for n, s in first.trainable_shapes.items() if "lora_" not in n},
         tiers=tiers,
+        embedding_lookup=lookup,
     )
     (work / MANIFEST_FILE).write_text(manifest.to_json())
     checked = [replace(t, parity_max_abs_diff=_verify_tier(work, t, *references[t.rank])) for t in tiers]
@@ -217,9 +222,12 @@ def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray],
         raise ExportError(f"Tier r={rank} exported different frozen base weights than the first tier.")
 
 
-def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto, frozen_names: list[str],
-                optimizer: str, proximal: bool) -> Tier:
+def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelProto, training: onnx.ModelProto,
+                frozen_names: list[str], optimizer: str, proximal: bool) -> Tier:
     """Generate the training/eval/optimizer (AdamW or SGD) graphs, nominal checkpoint, initial values and inference graph.
+
+    The training and eval graphs come from `training` (the forward graph less the embedding lookup
+    where there is one), the inference graph from the whole forward `graph`.
 
     With `proximal` the loss carries FedProx's term, its μ and anchors as extra graph inputs.
 
@@ -238,11 +246,12 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
             else onnxblock.loss.CrossEntropyLoss(ignore_index=IGNORE_INDEX))
     save_file({n: numpy_helper.to_array(inits[n]) for n in trainable + loaded.frozen_lora},
               str(tier_dir / "trainable_init.safetensors"))
+    present = {init.name for init in training.graph.initializer}
     with _native_stderr_captured(f"generating training artifacts for r={rank}"):
         artifacts.generate_artifacts(
-            graph,
+            training,
             requires_grad=trainable,
-            frozen_params=frozen_names + loaded.frozen_lora,
+            frozen_params=[name for name in frozen_names if name in present] + loaded.frozen_lora,
             loss=loss,
             optimizer=artifacts.OptimType.SGD if optimizer == "sgd" else artifacts.OptimType.AdamW,
             artifact_directory=tier_dir,
@@ -251,9 +260,9 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
         )
     (tier_dir / "checkpoint").unlink()
     _cap_ir_version(tier_dir / "optimizer_model.onnx")
-    training = onnx.load(str(tier_dir / "training_model.onnx"))
+    written = onnx.load(str(tier_dir / "training_model.onnx"))
     params = set(trainable) | set(frozen_names) | set(loaded.frozen_lora)
-    order = [i.name for i in training.graph.input if i.name in params]
+    order = [i.name for i in written.graph.input if i.name in params]
     _write_inference_graph(graph, tier_dir / "inference_model.onnx", frozen_names, work / BASE_WEIGHTS_FILE)
     return Tier(
         rank=rank,
@@ -308,7 +317,7 @@ def _write_inference_graph(graph: onnx.ModelProto, path: Path, frozen: list[str]
     safetensors stores raw little-endian row-major tensors after a JSON header, which is exactly
     ONNX's external-data layout, so the base weights serve inference without a second copy.
     """
-    header, data_start = _safetensors_header(weights)
+    header, data_start = safetensors_header(weights)
     location = os.path.relpath(weights, path.parent)
     model = onnx.ModelProto()
     model.CopyFrom(graph)
@@ -328,14 +337,6 @@ def _write_inference_graph(graph: onnx.ModelProto, path: Path, frozen: list[str]
             entry = init.external_data.add()
             entry.key, entry.value = key, value
     onnx.save(model, str(path))
-
-
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where tensor data starts."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    return header, 8 + size
 
 
 def _verify_tier(work: Path, tier: Tier, feeds: list[np.ndarray], reference: np.ndarray) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections import Counter
 
 import onnx
 import torch
@@ -56,6 +57,35 @@ def add_missing_optional_outputs(model: onnx.ModelProto) -> None:
             continue
         while len(node.output) < total:
             node.output.append(f"{node.name or node.op_type}_{index}_opt_out{len(node.output)}")
+
+
+def detach_embedding_lookup(model: onnx.ModelProto, ids_input: str, frozen: set[str]) -> dict | None:
+    """Make the token-embedding lookup a graph input, so devices gather rows from disk instead of holding the table.
+
+    Finds Gather(table, ids_input) where `table` is a frozen 2-D initializer read by nothing else,
+    removes it and the table from `model`, and feeds its output from a new float input
+    `<ids_input>.embedded`. Returns {"table", "ids", "input"}, or None when the graph has no such
+    lookup (image models; language models whose output layer reuses the table).
+    """
+    graph = model.graph
+    tables = {init.name: init for init in graph.initializer
+              if init.name in frozen and len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT}
+    readers = Counter(name for node in graph.node for name in node.input)
+    lookup = next((node for node in graph.node
+                   if node.op_type == "Gather" and list(node.input[1:]) == [ids_input] and node.input[0] in tables
+                   and readers[node.input[0]] == 1 and all(a.i == 0 for a in node.attribute if a.name == "axis")),
+                  None)
+    if lookup is None:
+        return None
+    table = tables[lookup.input[0]]
+    embedded = f"{ids_input}.embedded"
+    for node in graph.node:
+        node.input[:] = [embedded if name == lookup.output[0] else name for name in node.input]
+    graph.node.remove(lookup)
+    graph.initializer.remove(table)
+    graph.input.append(onnx.helper.make_tensor_value_info(
+        embedded, onnx.TensorProto.FLOAT, ["batch", "sequence", int(table.dims[1])]))
+    return {"table": table.name, "ids": ids_input, "input": embedded}
 
 
 def check_trainable_initializers(model: onnx.ModelProto, trainable: list[str]) -> None:

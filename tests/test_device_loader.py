@@ -26,7 +26,7 @@ def test_open_tier_without_torch_matches_inference_graph(minilm_bundle: Path) ->
         opened = open_tier({str(minilm_bundle)!r}, 8)
         feeds = TextEncoder({str(minilm_bundle)!r}, opened.manifest)(rotten_tomatoes()[:6])
         opened.module.eval()
-        _, logits = opened.module(feeds["input_ids"], feeds["attention_mask"], np.zeros(6, dtype=np.int64))
+        _, logits = opened.run([feeds["input_ids"], feeds["attention_mask"]], np.zeros(6, dtype=np.int64))
         tier = opened.manifest.tier(8)
         session = ort.InferenceSession({str(minilm_bundle)!r} + "/" + tier.dir + "/" + tier.inference_model)
         (reference,) = session.run(None, feeds)

@@ -93,7 +93,7 @@ def test_ort_logits_match_a_fresh_peft_model_on_real_sentences(minilm_bundle: Pa
             reference = loaded.wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         opened = open_tier(minilm_bundle, rank)
         opened.module.eval()
-        _, logits = opened.module(ids, mask, np.zeros(len(examples), dtype=np.int64))
+        _, logits = opened.run([ids, mask], np.zeros(len(examples), dtype=np.int64))
         assert np.max(np.abs(logits - reference)) < 1e-4
 
 
@@ -171,6 +171,7 @@ def test_img_cls_vit_exports_with_parity(tmp_path: Path) -> None:
     manifest = read_manifest(out)
     assert manifest.lora["target_modules"] == ["q_proj", "v_proj"]
     assert manifest.base_model["random_init"] is True
+    assert manifest.embedding_lookup is None
     assert [t.parity_max_abs_diff <= 1e-4 for t in manifest.tiers] == [True, True]
     opened = open_tier(out, 4)
     optimizer = opened.new_optimizer()
@@ -178,21 +179,24 @@ def test_img_cls_vit_exports_with_parity(tmp_path: Path) -> None:
     labels = np.array([0, 1, 2, 3], dtype=np.int64)
     losses = []
     for _ in range(5):
-        loss, _ = opened.module(pixels, labels)
+        loss, _ = opened.run([pixels], labels)
         optimizer.step()
         opened.module.lazy_reset_grad()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
 
 
-def test_causal_lm_llama_exports_lora_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_causal_lm_llama_exports_lora_only(tmp_path: Path, tied: bool) -> None:
+    """An output layer that reuses the token-embedding table keeps the lookup inside the graphs."""
     import shutil
 
     from transformers import LlamaConfig
 
     model = _tiny_model(tmp_path / "llama", LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
                                                         num_hidden_layers=2, num_attention_heads=4,
-                                                        num_key_value_heads=2, max_position_embeddings=128))
+                                                        num_key_value_heads=2, max_position_embeddings=128,
+                                                        tie_word_embeddings=tied))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(resolve_model_dir(None) / name, model / name)
     out = tmp_path / "bundle"
@@ -202,6 +206,8 @@ def test_causal_lm_llama_exports_lora_only(tmp_path: Path) -> None:
     manifest = read_manifest(out)
     tier = manifest.tier(2)
     assert tier.parity_max_abs_diff <= 1e-4
+    assert manifest.embedding_lookup == (None if tied else {"table": "m.model.embed_tokens.weight",
+                                                            "ids": "input_ids", "input": "input_ids.embedded"})
     assert all(".lora_" in name for name in tier.trainable)
     assert manifest.label_input.axes == ["tokens"]
     assert json.loads((out / "manifest.json").read_text())["lora"]["ignore_index"] == -100

@@ -31,7 +31,7 @@ def svd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _logits(trainer: Trainer) -> np.ndarray:
     trainer.opened.module.eval()
     feeds = trainer.encoder(SENTENCES[:8])
-    _, logits = trainer.opened.module(feeds["input_ids"], feeds["attention_mask"], np.zeros(8, np.int64))
+    _, logits = trainer.opened.run([feeds["input_ids"], feeds["attention_mask"]], np.zeros(8, np.int64))
     return logits
 
 

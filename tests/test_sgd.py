@@ -38,7 +38,7 @@ def test_sgd_bundle_steps_by_the_learning_rate_times_the_gradient(sgd_bundle: Pa
     examples = rotten_tomatoes()[:16]
     feeds = encoder_for(sgd_bundle, manifest)(examples)
     opened.module.train()
-    opened.module(feeds["input_ids"], feeds["attention_mask"], np.array([e.label for e in examples], dtype=np.int64))
+    opened.run([feeds["input_ids"], feeds["attention_mask"]], np.array([e.label for e in examples], dtype=np.int64))
     params = opened.state.parameters
     before = {name: params[name].data.copy() for name in tier.trainable}
     grads = {name: params[name].grad.copy() for name in tier.trainable}

@@ -27,7 +27,7 @@ SENTENCES = rotten_tomatoes()[:96]
 def _logits(trainer: Trainer, examples: list[Example]) -> np.ndarray:
     trainer.opened.module.eval()
     feeds = trainer.encoder(examples)
-    _, logits = trainer.opened.module(feeds["input_ids"], feeds["attention_mask"], np.zeros(len(examples), np.int64))
+    _, logits = trainer.opened.run([feeds["input_ids"], feeds["attention_mask"]], np.zeros(len(examples), np.int64))
     return logits
 
 
