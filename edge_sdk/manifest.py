@@ -144,7 +144,7 @@ class Manifest:
                 f"(it reads versions {list(READABLE_VERSIONS)}); re-export the bundle with a matching fedpeft-export."
             )
         try:
-            return cls(
+            manifest = cls(
                 **{
                     **data,
                     "inputs": [TensorSpec(**t) for t in data["inputs"]],
@@ -155,6 +155,14 @@ class Manifest:
             )
         except (KeyError, TypeError) as err:
             raise BundleError(f"Malformed bundle manifest: {err}") from err
+        lookup = manifest.embedding_lookup
+        if lookup is not None and not (
+            isinstance(lookup, dict) and all(isinstance(lookup.get(k), str) for k in ("table", "ids", "input"))
+            and lookup["ids"] in {spec.name for spec in manifest.inputs}
+        ):
+            raise BundleError(f"Malformed bundle manifest: embedding_lookup {lookup!r} needs string table, ids "
+                              "(one of the inputs) and input. Re-export the bundle.")
+        return manifest
 
 
 def read_manifest(bundle: str | Path) -> Manifest:

@@ -50,6 +50,16 @@ def test_rows_refuse_a_missing_or_malformed_table(tmp_path: Path) -> None:
         EmbeddingRows(tmp_path / "text.safetensors", "table")
 
 
+@pytest.mark.parametrize("lookup", [{"table": TABLE, "ids": "token_ids", "input": "input_ids.embedded"},
+                                    {"table": TABLE, "ids": "input_ids"}, ["input_ids"]])
+def test_a_malformed_lookup_is_refused_when_the_manifest_is_read(minilm_bundle: Path, tmp_path: Path,
+                                                                  lookup: object) -> None:
+    data = json.loads((minilm_bundle / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "embedding_lookup": lookup}))
+    with pytest.raises(BundleError, match="embedding_lookup"):
+        read_manifest(tmp_path)
+
+
 def test_the_table_stays_out_of_the_training_graphs_and_the_parameter_buffer(minilm_bundle: Path) -> None:
     manifest = read_manifest(minilm_bundle)
     assert manifest.embedding_lookup == {"table": TABLE, "ids": "input_ids", "input": "input_ids.embedded"}
