@@ -24,7 +24,7 @@ def check_strategy(name: str, manifest: Manifest | None = None) -> None:
                          "and a bundle with frozen A suits ffa-lora only; export the bundle to match the strategy.")
     if manifest is not None and manifest.lora.get("full_finetune"):
         raise ValueError("This bundle trains every model weight (--full-finetune); the protocol carries adapters. "
-                         "Run it with examples.sim.full_fedavg, or export a LoRA bundle.")
+                         "Run it with fedpeft_sim.full_fedavg, or export a LoRA bundle.")
     if name in NOT_OVER_MQTT:
         raise ValueError(f"Strategy '{name}' cannot run on devices: {NOT_OVER_MQTT[name]}. Use it in simulation.")
 

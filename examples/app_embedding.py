@@ -4,7 +4,7 @@ A note-taking app labels each note it keeps (here: positive/negative reviews fro
 file the app appends to). Every round the client asks the app for the current notes, reports
 training progress to the app's UI, and stops cleanly when the app closes.
 
-    python -m examples.app_embedding --bundle runs/demo/bundle --broker mqtt://127.0.0.1:1883 \
+    python examples/app_embedding.py --bundle runs/demo/bundle --broker mqtt://127.0.0.1:1883 \
         --federation demo --notes my-notes.jsonl
 """
 

@@ -23,7 +23,7 @@ from edge_sdk.datasets import rotten_tomatoes, shard
 from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import decode_adapter
 from edge_sdk.trainer import Trainer
-from examples.sim import plots
+from fedpeft_sim import plots
 
 DEVICES = ("low", "mid", "high")
 
@@ -47,7 +47,7 @@ def main(workdir: Path, rank: int, steps: int, rounds: int, local_steps: int, re
     else:
         click.secho(f"1/3 reusing the bundle in {bundle} (--re-export to rebuild)", bold=True)
     click.secho(f"2/3 on-device training of tier r={rank} (onnxruntime-training, torch not imported)", bold=True)
-    _run([sys.executable, "-m", "examples.train_on_device", "--bundle", str(bundle), "--rank", str(rank),
+    _run([sys.executable, str(Path(__file__).with_name("train_on_device.py")), "--bundle", str(bundle), "--rank", str(rank),
           "--steps", str(steps)])
     click.secho(f"3/3 federation: aggregator + embedded MQTT broker, {len(DEVICES)} devices "
                 f"({', '.join(DEVICES)} tiers), {rounds} rounds", bold=True)

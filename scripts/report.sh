@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/python -m examples.sim.cli -v report "$@"
+exec .venv/bin/python -m fedpeft_sim.cli -v report "$@"

@@ -177,7 +177,7 @@ def two_tier_simulation(bundle: Path, strategy: str, broker_url: str, out: Path)
     """
     from edge_sdk.protocol import TrainingConfig
     from edge_sdk.rank import RankPolicy
-    from examples.sim.simulation import SimConfig, run_simulation
+    from fedpeft_sim.simulation import SimConfig, run_simulation
 
     config = SimConfig(
         bundle=bundle, out=out, strategy=strategy, clients=6, fraction=0.5, rounds=3, alpha=1.0, size_skew=0.5,

@@ -16,8 +16,8 @@ from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.trainer import Trainer
-from examples.sim.full_fedavg import run_full_fedavg
-from examples.sim.simulation import SimConfig
+from fedpeft_sim.full_fedavg import run_full_fedavg
+from fedpeft_sim.simulation import SimConfig
 
 SENTENCES = rotten_tomatoes()[:32]
 

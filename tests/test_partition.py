@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_sdk.datasets import rotten_tomatoes
-from examples.sim.partition import client_sizes, histograms, partition
-from examples.sim.simulation import assign_presets
+from fedpeft_sim.partition import client_sizes, histograms, partition
+from fedpeft_sim.simulation import assign_presets
 
 LABELS = np.array([e.label for e in rotten_tomatoes()])
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from edge_sdk.protocol import TrainingConfig
-from examples.sim.report import _finished
-from examples.sim.simulation import SimConfig, config_record
+from fedpeft_sim.report import _finished
+from fedpeft_sim.simulation import SimConfig, config_record
 
 
 def _record(config: SimConfig, drop: tuple[str, ...] = (), drop_training: tuple[str, ...] = ()) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edge_sdk.protocol import TrainingConfig
-from examples.sim.rescore import rescore_run
-from examples.sim.simulation import SimConfig, run_simulation
+from fedpeft_sim.rescore import rescore_run
+from fedpeft_sim.simulation import SimConfig, run_simulation
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +52,8 @@ def test_small_federation_learns_and_counts_bytes_from_real_payloads(minilm_bund
 
 def test_fashion_mnist_transfer_task_holds_only_the_classes_the_base_never_saw() -> None:
     from edge_sdk.datasets import fashion_mnist
-    from examples.sim.pretrain_vit import BASE_CLASSES
-    from examples.sim.simulation import load_data
+    from fedpeft_sim.pretrain_vit import BASE_CLASSES
+    from fedpeft_sim.simulation import load_data
 
     train, test = load_data("fashion-mnist-5-9")
     assert (len(train), len(test)) == (30000, 5000)

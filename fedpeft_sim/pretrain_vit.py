@@ -5,7 +5,7 @@ task is a transfer task built from real data: the base learns T-shirt/top, Trous
 Dress and Coat centrally (this script), and the federation fine-tunes LoRA + a head on the other
 five classes (Sandal, Shirt, Sneaker, Bag, Ankle boot), which the base has never seen.
 
-Usage: .venv/bin/python -m examples.sim.pretrain_vit --out runs/vit-fmnist-0-4 (torch, transformers).
+Usage: .venv/bin/python -m fedpeft_sim.pretrain_vit --out runs/vit-fmnist-0-4 (torch, transformers).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from aggregator.strategies.full_fedavg import BYTES_PER_FLOAT32, full_fedavg_upl
 from edge_sdk.manifest import read_manifest
 from edge_sdk.profile import PRESETS
 from edge_sdk.trainer import EvalReport, Trainer
-from examples.sim.simulation import (
+from fedpeft_sim.simulation import (
     CORE_WATTS, SimClient, SimConfig, availability, local_summary, prepare_run, summarize,
 )
 

@@ -14,11 +14,11 @@ from edge_sdk.files import write_atomic
 from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
-from examples.sim import plots
-from examples.sim.report import (
+from fedpeft_sim import plots
+from fedpeft_sim.report import (
     FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle,
 )
-from examples.sim.simulation import DATA_SETS, SimConfig, run_simulation
+from fedpeft_sim.simulation import DATA_SETS, SimConfig, run_simulation
 
 DEFAULT_BUNDLE = "runs/bundle"
 DEFAULT_IMAGE_BUNDLE = "runs/bundle-fmnist"
@@ -61,7 +61,7 @@ def _image_bundle(path: Path) -> Path:
     except BundleError:
         if not (base / "config.json").is_file():
             click.echo(f"pretraining the image base model to {base} (a few minutes) ...")
-            subprocess.run([sys.executable, "-m", "examples.sim.pretrain_vit", "--out", str(base)], check=True)
+            subprocess.run([sys.executable, "-m", "fedpeft_sim.pretrain_vit", "--out", str(base)], check=True)
         _bundle(path, "--model", str(base), "--task", "img-cls", "--num-labels", "5")
     return path
 
@@ -139,7 +139,7 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
 def rescore(run_dir: Path, bundle: Path | None) -> None:
     """Score every round's saved global adapter of a finished run again, on the examples the run scored:
     accuracy, macro-F1, ROC AUC. The report reads RUN_DIR/rescore.jsonl for runs made before a metric."""
-    from examples.sim.rescore import rescore_run
+    from fedpeft_sim.rescore import rescore_run
 
     try:
         rows = rescore_run(run_dir, bundle)

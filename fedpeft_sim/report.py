@@ -19,11 +19,11 @@ import numpy as np
 from edge_sdk.manifest import read_manifest
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.trainers import TrainerPool
-from examples.sim import plots
-from examples.sim.full_fedavg import STRATEGY as FULL_FEDAVG
-from examples.sim.full_fedavg import run_full_fedavg
-from examples.sim.pretrain_vit import PRETRAINING_FILE
-from examples.sim.simulation import SimConfig, centralized, config_record, load_data, run_simulation
+from fedpeft_sim import plots
+from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
+from fedpeft_sim.full_fedavg import run_full_fedavg
+from fedpeft_sim.pretrain_vit import PRETRAINING_FILE
+from fedpeft_sim.simulation import SimConfig, centralized, config_record, load_data, run_simulation
 
 log = logging.getLogger("fedpeft.report")
 PARTITIONS: dict[str, float | None] = {"alpha0.1": 0.1, "alpha1.0": 1.0, "iid": None}
@@ -280,7 +280,7 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         f"a frozen shared A (`--freeze-lora-a`), at lr {FFA_LORA_LR}: at the grid's lr it never left the "
         "majority class (experiments.md).",
         f"- full-fedavg row: FedAvg with full fine-tuning (`--full-finetune`: every weight but the embedding "
-        f"tables, 10.8M of 22.7M; lr {FULL_FINETUNE_LR}), run in process (`examples/sim/full_fedavg.py`) "
+        f"tables, 10.8M of 22.7M; lr {FULL_FINETUNE_LR}), run in process (`fedpeft_sim/full_fedavg.py`) "
         "with the same clients, partitions, sampling and dropouts, since the protocol carries adapters only. "
         "Its bytes are the trained weights each participant would upload.",
         "",
@@ -469,7 +469,7 @@ def _image_section(plan: Plan, results: dict, ceiling: dict, planned: int, base:
         *([f"**Partial: {len(results)} of {planned} image runs finished.**", ""] if len(results) < planned else []),
         "No pretrained image transformer is available offline as a Hugging Face folder here, so the base is "
         f"a small ViT (4 layers, width 128, 7×7 patches on 28×28, {base['parameters'] / 1e6:.2f}M frozen "
-        "parameters) pretrained by `examples/sim/pretrain_vit.py` on Fashion-MNIST classes 0–4"
+        "parameters) pretrained by `fedpeft_sim/pretrain_vit.py` on Fashion-MNIST classes 0–4"
         + (f" ({base['epochs']} epochs, {base['base_accuracy']:.3f} test accuracy on those classes)"
            if "epochs" in base else "")
         + ". The federation fine-tunes LoRA (query/value, ranks {2,4,8,16}) and a new 5-way head on classes "

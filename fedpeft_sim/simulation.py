@@ -34,7 +34,7 @@ from edge_sdk.protocol.transport import BrokerSettings
 from edge_sdk.rank import RankPolicy
 from edge_sdk.trainer import Trainer
 from edge_sdk.trainers import TrainerPool
-from examples.sim.partition import histograms, partition
+from fedpeft_sim.partition import histograms, partition
 
 log = logging.getLogger("fedpeft.sim")
 

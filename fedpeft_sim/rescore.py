@@ -13,7 +13,7 @@ from aggregator.state import StateDir
 from edge_sdk.manifest import read_manifest
 from edge_sdk.protocol import decode_adapter
 from edge_sdk.trainer import Trainer
-from examples.sim.simulation import load_data, subset
+from fedpeft_sim.simulation import load_data, subset
 
 
 def rescore_run(run: Path, bundle: Path | None = None) -> list[dict]:
