@@ -13,10 +13,10 @@ from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateError
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.cli_options import broker_options, broker_settings
-from edge_sdk.manifest import read_manifest
 from edge_sdk.protocol import DTYPES, TrainingConfig
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.protocol.transport import BrokerUnavailableError
-from edge_sdk.rank import RankPolicy
+from edge_sdk.protocol.ranking import RankPolicy
 
 
 @click.command()

@@ -8,9 +8,9 @@ import numpy as np
 
 from aggregator.strategies import ClientUpdate, MergeResult, get_strategy
 from aggregator.strategies.base import layer_specs_from_manifest
-from edge_sdk.adapter import Adapter
-from edge_sdk.manifest import Manifest
 from edge_sdk.protocol import AdapterHeader
+from edge_sdk.protocol.adapter import Adapter
+from edge_sdk.protocol.manifest import Manifest
 
 NOT_OVER_MQTT = {"flora": "FLoRA folds each round into the frozen base weights, which a device cannot change"}
 
@@ -18,11 +18,11 @@ NOT_OVER_MQTT = {"flora": "FLoRA folds each round into the frozen base weights, 
 def check_strategy(name: str, manifest: Manifest | None = None) -> None:
     """Raise ValueError for an unknown strategy, one the device protocol cannot run, or one `manifest` does not suit."""
     get_strategy(name)
-    frozen_a = manifest is not None and manifest.lora.get("frozen_a_seed") is not None
+    frozen_a = manifest is not None and manifest.lora.frozen_a_seed is not None
     if manifest is not None and (name == "ffa-lora") != frozen_a:
         raise ValueError("ffa-lora needs every device to hold the same frozen A (`fedpeft-export --freeze-lora-a`), "
                          "and a bundle with frozen A suits ffa-lora only; export the bundle to match the strategy.")
-    if manifest is not None and manifest.lora.get("full_finetune"):
+    if manifest is not None and manifest.lora.full_finetune:
         raise ValueError("This bundle trains every model weight (--full-finetune); the protocol carries adapters. "
                          "Run it with fedpeft_sim.full_fedavg, or export a LoRA bundle.")
     if name in NOT_OVER_MQTT:

@@ -24,16 +24,34 @@ from aggregator.round_merge import check_strategy, merge_round
 from aggregator.state import StateDir
 from aggregator.strategies.full_fedavg import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
-from edge_sdk.adapter import Adapter
-from edge_sdk.manifest import bundle_id, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import (
-    DEFAULT_CHUNK_SIZE, AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, GlobalAdapterRef,
-    MessageError, Notice, Reassembler, RoundResult, RoundTask, Topics, TrainingConfig, UnsupportedVersionError,
-    decode_adapter, decode_message, encode_adapter, encode_message, max_payload_bytes, split_payload,
+    DEFAULT_CHUNK_SIZE,
+    AdapterHeader,
+    ChunkError,
+    ClientStatus,
+    CodecError,
+    FederationConfig,
+    GlobalAdapterRef,
+    MessageError,
+    Notice,
+    Reassembler,
+    RoundResult,
+    RoundTask,
+    Topics,
+    TrainingConfig,
+    UnsupportedVersionError,
+    decode_adapter,
+    decode_message,
+    encode_adapter,
+    encode_message,
+    max_payload_bytes,
+    split_payload,
 )
+from edge_sdk.protocol.adapter import Adapter
+from edge_sdk.protocol.manifest import bundle_id, read_manifest
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
-from edge_sdk.rank import RankPolicy
+from edge_sdk.protocol.ranking import RankPolicy
 
 log = logging.getLogger("fedpeft.aggregator")
 AGGREGATOR_ID = "aggregator"
@@ -91,7 +109,7 @@ class Aggregator:
         check_strategy(options.strategy, self.manifest)
         if options.training.proximal_mu < 0:
             raise ValueError(f"proximal_mu must be ≥ 0, got {options.training.proximal_mu}.")
-        if options.training.proximal_mu and not self.manifest.proximal:
+        if options.training.proximal_mu and not self.manifest.lora.proximal:
             raise ValueError("proximal_mu > 0 needs a bundle whose graphs carry FedProx's term: "
                              "export it with `fedpeft-export --proximal`.")
         self.bundle_id = bundle_id(self.bundle)
@@ -116,7 +134,7 @@ class Aggregator:
         policy = self.options.rank_policy or RankPolicy.balanced(max(self.manifest.ranks), 4 * 2**30, 4.0, 1000)
         return FederationConfig(
             federation=self.options.federation, bundle_id=self.bundle_id, ranks=self.manifest.ranks,
-            rank_policy=policy.to_dict(), head=self.options.head, dtype=self.options.dtype,
+            rank_policy=policy, head=self.options.head, dtype=self.options.dtype,
             chunk_size=self.options.chunk_size, training=self.options.training, rounds=self.options.rounds,
         )
 

@@ -17,8 +17,7 @@ from unittest import mock
 import click
 import numpy as np
 
-from aggregator.strategies import ClientUpdate, LayerSpec, get_strategy
-from aggregator.strategies import linalg
+from aggregator.strategies import ClientUpdate, LayerSpec, get_strategy, linalg
 
 RANKS = (2, 4, 8, 16)
 

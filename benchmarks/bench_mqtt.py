@@ -31,13 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aggregator.service import Aggregator, AggregatorOptions  # noqa: E402
-from edge_sdk.adapter import Adapter  # noqa: E402
-from edge_sdk.manifest import read_manifest  # noqa: E402
 from edge_sdk.protocol import (  # noqa: E402
-    AdapterHeader, ClientStatus, RoundTask, Topics, decode_message, encode_adapter, encode_message, split_payload,
+    AdapterHeader,
+    ClientStatus,
+    RoundTask,
+    Topics,
+    decode_message,
+    encode_adapter,
+    encode_message,
+    split_payload,
 )
+from edge_sdk.protocol.adapter import Adapter  # noqa: E402
+from edge_sdk.protocol.manifest import read_manifest  # noqa: E402
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
+
 
 def random_adapter(manifest, rank: int, rng: np.random.Generator) -> Adapter:
     tier = manifest.tier(rank)

@@ -29,7 +29,7 @@ def _batches(bundle: Path, padding: str, steps: int, multiple: int | None) -> li
     from edge_sdk.data import batches, stratified_split
     from edge_sdk.datasets import rotten_tomatoes
     from edge_sdk.encoders import TextEncoder
-    from edge_sdk.manifest import read_manifest
+    from edge_sdk.protocol.manifest import read_manifest
 
     encoder = TextEncoder(bundle, read_manifest(bundle), max_length=MAX_LEN, pad_to_multiple_of=multiple)
     if padding == "fixed":

@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from edge_sdk.embeddings import EmbeddingRows
 from edge_sdk.files import sha256_file
-from edge_sdk.manifest import PROXIMAL_MU_INPUT, BundleError, Manifest, Tier, anchor_input, read_manifest
 from edge_sdk.ort_training import CheckpointState, Module, Optimizer, ort
+from edge_sdk.protocol.manifest import PROXIMAL_MU_INPUT, BundleError, Manifest, Tier, anchor_input, read_manifest
 
 
 @dataclass
@@ -48,14 +48,14 @@ class OpenedTier:
         rows are gathered here. A `--proximal` bundle also takes FedProx's μ and the anchors
         θ_anchor, one per trainable tensor (default: the current values, so the term is 0).
         """
-        if proximal_mu and not self.manifest.proximal:
+        if proximal_mu and not self.manifest.lora.proximal:
             raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
         named = {spec.name: x for spec, x in zip(self.manifest.inputs, inputs)}
         named[self.manifest.label_input.name] = labels
         lookup = self.manifest.embedding_lookup
         if lookup and self.embeddings is not None:
             named[lookup["input"]] = self.embeddings(named[lookup["ids"]])
-        if self.manifest.proximal:
+        if self.manifest.lora.proximal:
             if anchors is None:
                 anchors = {name: param.data for name, param in self.state.parameters if name in self.tier.trainable}
             named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)

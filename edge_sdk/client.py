@@ -30,16 +30,31 @@ import paho.mqtt.client as mqtt
 
 from edge_sdk.data import Dataset, Example
 from edge_sdk.files import write_atomic
-from edge_sdk.manifest import bundle_id, read_manifest
-from edge_sdk.profile import DeviceProfile, profile_device
+from edge_sdk.profile import profile_device
 from edge_sdk.protocol import (
-    AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, MessageError, Notice, RoundTask, Topics,
-    UnsupportedVersionError, check_identifier, decode_adapter, decode_message, encode_adapter, encode_message,
-    parse_chunk, split_payload,
+    AdapterHeader,
+    ChunkError,
+    ClientStatus,
+    CodecError,
+    FederationConfig,
+    MessageError,
+    Notice,
+    RoundTask,
+    Topics,
+    UnsupportedVersionError,
+    check_identifier,
+    decode_adapter,
+    decode_message,
+    encode_adapter,
+    encode_message,
+    parse_chunk,
+    split_payload,
 )
 from edge_sdk.protocol.chunks import Chunk
+from edge_sdk.protocol.manifest import bundle_id, read_manifest
+from edge_sdk.protocol.ranking import DeviceProfile, RankChoice
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
-from edge_sdk.rank import RankChoice, RankPolicy, choose_rank
+from edge_sdk.rank import choose_rank
 from edge_sdk.trainer import EvalReport
 from edge_sdk.trainers import TrainerPool
 
@@ -128,7 +143,7 @@ class FederatedClient:
             self.bundle, examples, batch_size=config.training.batch_size, preset=self.preset,
             threads=self.threads, device=self.device,
         )
-        self.rank_choice = choose_rank(self.profile, RankPolicy.from_dict(config.rank_policy), config.ranks, prober)
+        self.rank_choice = choose_rank(self.profile, config.rank_policy, config.ranks, prober)
         rank = self.rank_choice.rank
         head = "shared" if config.head == "shared" else "local"
         if self.trainers is None:
@@ -138,8 +153,7 @@ class FederatedClient:
                              f"the trainer pool was made for head={self.trainers.head}.")
         self.rank = rank
         self._status = encode_message(ClientStatus(
-            client_id=self.client_id, state="online", rank=rank, profile=self.profile.to_dict(),
-            rank_choice=self.rank_choice.to_dict(),
+            client_id=self.client_id, state="online", rank=rank, profile=self.profile, rank_choice=self.rank_choice,
         ))
         self._announce()
         log.info("%s joined %s at tier r=%d (formula r=%d)", self.client_id, self.federation, rank,

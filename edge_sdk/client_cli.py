@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
+from edge_sdk.cli_options import broker_options, broker_settings
 from edge_sdk.client import ClientRefusedError, FederatedClient
 from edge_sdk.data import stratified_split
 from edge_sdk.datasets import read_jsonl, rotten_tomatoes, shard
 from edge_sdk.profile import PRESETS
-from edge_sdk.cli_options import broker_options, broker_settings
 from edge_sdk.protocol.transport import BrokerUnavailableError
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.manifest import BundleError
+from edge_sdk.protocol.manifest import BundleError
 
 HEADER_LIMIT = 100 << 20
 

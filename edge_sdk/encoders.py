@@ -11,7 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edge_sdk.data import Example
-from edge_sdk.manifest import Manifest
+from edge_sdk.protocol.manifest import Manifest
 
 
 class Encoder(Protocol):

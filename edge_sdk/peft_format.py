@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from edge_sdk.adapter import Adapter, adapter_to_parameters
 from edge_sdk.files import sha256_file
-from edge_sdk.manifest import BundleError, Manifest
+from edge_sdk.protocol.adapter import Adapter, adapter_to_parameters
+from edge_sdk.protocol.manifest import BundleError, Manifest
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -31,12 +31,12 @@ def write_peft_adapter(
     Include the head in `adapter` when the bundle trains it, or the loaded model keeps the base
     model's head. A `--svd-init` (FeDeRA) bundle needs its folder `bundle`: see `_onto_original_base`.
     """
-    if manifest.lora.get("full_finetune"):
+    if manifest.lora.full_finetune:
         raise BundleError("A --full-finetune bundle trains the model's own weights, which a peft adapter cannot hold.")
     target = Path(folder)
     values = adapter_to_parameters(manifest, adapter)
     config = {**manifest.peft_config, "r": adapter.rank, "inference_mode": True}
-    if manifest.lora.get("svd_init"):
+    if manifest.lora.svd_init:
         if bundle is None:
             raise BundleError("This bundle was exported with --svd-init; pass its folder (bundle=) to write "
                               "a peft adapter.")
@@ -62,9 +62,10 @@ def _onto_original_base(values: dict[str, np.ndarray], config: dict, manifest: M
     The bundle's base is W − P (P: the principal part, saved at export), so the original-base update
     is s·B·A − P = s·[B, −P_B/s]·[A; P_A]: rank r + prefix at the same scaling, as peft converts PiSSA.
     """
-    init = manifest.lora["svd_init"]
-    path = bundle / init["file"]
-    if not path.is_file() or sha256_file(path) != init["sha256"]:
+    init = manifest.lora.svd_init
+    assert init is not None
+    path = bundle / init.file
+    if not path.is_file() or sha256_file(path) != init.sha256:
         raise BundleError(f"{path} is missing or does not match the manifest; re-export the bundle.")
     principal = load_file(str(path))
     out = dict(values)
@@ -73,7 +74,7 @@ def _onto_original_base(values: dict[str, np.ndarray], config: dict, manifest: M
         part_a, part_b = principal[f"{pair.layer}.A"], principal[f"{pair.layer}.B"]
         out[pair.a] = np.concatenate([values[pair.a], part_a])
         out[pair.b] = np.concatenate([values[pair.b], -part_b / pair.scaling], axis=1)
-    rank = config["r"] + init["prefix_rank"]
+    rank = config["r"] + init.prefix_rank
     return out, {**config, "r": rank, "lora_alpha": pairs[0].scaling * rank}
 
 

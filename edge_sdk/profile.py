@@ -24,8 +24,9 @@ from safetensors.numpy import save_file
 from edge_sdk.data import Example
 from edge_sdk.encoders import encoder_for
 from edge_sdk.files import write_atomic
-from edge_sdk.manifest import Manifest, bundle_id, read_manifest
 from edge_sdk.ort_training import ort
+from edge_sdk.protocol.manifest import Manifest, bundle_id, read_manifest
+from edge_sdk.protocol.ranking import DeviceProfile
 
 MIB = 1 << 20
 PROBE_PAD_MULTIPLE = 16
@@ -50,23 +51,6 @@ PRESETS: dict[str, DevicePreset] = {
     "mid": DevicePreset("mid", 1024 * MIB, 1, 0.5),
     "high": DevicePreset("high", 4096 * MIB, 2, 1.0),
 }
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What the rank formula needs (M, C, D) plus what the aggregator is told about the device."""
-
-    memory_bytes: int
-    compute: float
-    num_samples: int
-    cpu_cores: int
-    threads: int
-    device: str
-    providers: list[str]
-    preset: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

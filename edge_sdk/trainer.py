@@ -8,19 +8,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from edge_sdk.adapter import Adapter, adapter_from_parameters, adapter_to_parameters
 from edge_sdk.bundle import open_tier
 from edge_sdk.data import Dataset, Example, batches
 from edge_sdk.encoders import encoder_for
 from edge_sdk.memory import peak_rss_bytes
 from edge_sdk.ort_training import Optimizer, ort
+from edge_sdk.protocol.adapter import Adapter, adapter_from_parameters, adapter_to_parameters
+from edge_sdk.protocol.messages import HeadMode, Schedule
 
-Schedule = Literal["constant", "linear", "cosine"]
-HeadMode = Literal["shared", "local"]
 CLASSIFICATION_TASKS = ("seq-cls", "img-cls")
 
 
@@ -173,7 +171,7 @@ class Trainer:
             raise ValueError("Nothing to train: epochs and steps must be at least 1.")
         if proximal_mu < 0:
             raise ValueError(f"proximal_mu must be ≥ 0, got {proximal_mu}.")
-        anchors = self.state() if self.manifest.proximal else None
+        anchors = self.state() if self.manifest.lora.proximal else None
         lengths = self.encoder.lengths(examples) if bucketing else None
         ort.set_seed(seed)
         self.opened.module.train()
@@ -257,7 +255,7 @@ class Trainer:
             if self.head_mode == "local":
                 for name in adapter.head:
                     received.pop(name)
-            if self.manifest.lora.get("frozen_a_seed") is not None:
+            if self.manifest.lora.frozen_a_seed is not None:
                 for pair in self.opened.tier.lora_pairs:
                     received.pop(pair.a)
             values.update(received)

@@ -20,8 +20,8 @@ import click
 from aggregator.broker import free_port
 from edge_sdk.data import stratified_split
 from edge_sdk.datasets import rotten_tomatoes, shard
-from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.protocol import decode_adapter
+from edge_sdk.protocol.manifest import BundleError, read_manifest
 from edge_sdk.trainer import Trainer
 from fedpeft_sim import plots
 

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import onnx
@@ -21,12 +22,29 @@ from safetensors.numpy import save_file
 from edge_sdk.bundle import open_tier
 from edge_sdk.embeddings import safetensors_header
 from edge_sdk.files import sha256_file
-from edge_sdk.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, Manifest, TensorSpec, Tier
+from edge_sdk.protocol.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    LoraPair,
+    LoraSettings,
+    Manifest,
+    OptimizerName,
+    SvdInit,
+    TensorSpec,
+    Tier,
+)
 from export import __version__
 from export.errors import ExportError
 from export.graph import OUTPUT_NAME, detach_embedding_lookup, export_forward, frozen_initializers
 from export.model import (
-    SHARED_A_SEED, TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs,
+    SHARED_A_SEED,
+    TASKS,
+    WEIGHT_SUFFIXES,
+    LoadedModel,
+    load_lora_model,
+    resolve_model_dir,
+    sample_inputs,
 )
 
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
@@ -54,11 +72,11 @@ class ExportOptions:
     freeze_lora_a: bool = False
     svd_init: bool = False
     full_finetune: bool = False
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     proximal: bool = False
 
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
 
 
 def export_bundle(
@@ -120,23 +138,44 @@ def _replace(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass
+class _Exported:
+    """What exporting the tiers yields: the tiers, the first tier's loaded model, its frozen base and the
+    PyTorch reference (inputs, logits) each tier is verified against."""
+
+    tiers: list[Tier]
+    first: LoadedModel
+    base: dict[str, np.ndarray]
+    lookup: dict | None
+    references: dict[int, tuple[list[np.ndarray], np.ndarray]]
+
+
 def _write_bundle(
     work: Path, model_dir: Path, options: ExportOptions, on_tier: Callable[[int], None] | None
 ) -> Manifest:
     ort.set_default_logger_severity(3)
-    base: dict[str, np.ndarray] | None = None
-    tiers: list[Tier] = []
-    references: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
-    first: LoadedModel | None = None
+    exported = _export_tiers(work, model_dir, options, on_tier)
+    tokenizer = _write_tokenizer(work, model_dir, options.task)
+    svd_init = _write_principal(work, exported.first, min(options.ranks)) if options.svd_init else None
+    manifest = _manifest(work, model_dir, options, exported, tokenizer, svd_init)
+    (work / MANIFEST_FILE).write_text(manifest.to_json())
+    checked = [replace(t, parity_max_abs_diff=_verify_tier(work, t, *exported.references[t.rank]))
+               for t in exported.tiers]
+    manifest = replace(manifest, tiers=checked)
+    (work / MANIFEST_FILE).write_text(manifest.to_json())
+    return manifest
+
+
+def _export_tiers(
+    work: Path, model_dir: Path, options: ExportOptions, on_tier: Callable[[int], None] | None
+) -> _Exported:
+    """Export every tier's graphs; the first tier writes the base weights, the others must match them."""
+    exported: _Exported | None = None
     for rank in sorted(set(options.ranks)):
         loaded = load_lora_model(
-            model_dir,
-            options.task,
-            rank,
-            options.alpha,
+            model_dir, options.task, rank, options.alpha,
             list(options.target_modules) if isinstance(options.target_modules, tuple) else options.target_modules,
-            options.train_head,
-            options.num_labels,
+            options.train_head, options.num_labels,
             shared_a_rank=max(options.ranks) if options.freeze_lora_a else None,
             svd_prefix=min(options.ranks) if options.svd_init else None,
             train_all=options.full_finetune,
@@ -145,23 +184,29 @@ def _write_bundle(
         graph = export_forward(loaded, sample, options.opset)
         frozen_inits = frozen_initializers(graph, loaded.trainable + loaded.frozen_lora)
         frozen = {init.name: numpy_helper.to_array(init) for init in frozen_inits}
-        if base is None:
-            base, first = frozen, loaded
-            save_file(base, str(work / BASE_WEIGHTS_FILE))
+        if exported is None:
+            save_file(frozen, str(work / BASE_WEIGHTS_FILE))
         else:
-            _check_same_base(base, frozen, rank)
+            _check_same_base(exported.base, frozen, rank)
         training = onnx.ModelProto()
         training.CopyFrom(graph)
         lookup = detach_embedding_lookup(training, TOKEN_IDS, set(frozen))
-        tiers.append(_write_tier(work, rank, loaded, graph, training, list(frozen), options.optimizer, options.proximal))
+        tier = _write_tier(work, rank, loaded, graph, training, list(frozen), options.optimizer, options.proximal)
+        if exported is None:
+            exported = _Exported([], loaded, frozen, lookup, {})
+        exported.tiers.append(tier)
         with torch.no_grad():
-            references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
+            exported.references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
         if on_tier is not None:
             on_tier(rank)
-    assert first is not None and base is not None
-    tokenizer = _write_tokenizer(work, model_dir, options.task)
-    svd_init = _write_principal(work, first, min(options.ranks)) if options.svd_init else None
-    manifest = Manifest(
+    assert exported is not None
+    return exported
+
+
+def _manifest(work: Path, model_dir: Path, options: ExportOptions, exported: _Exported, tokenizer: dict,
+              svd_init: SvdInit | None) -> Manifest:
+    first = exported.first
+    return Manifest(
         format=FORMAT,
         format_version=FORMAT_VERSION,
         created_by=f"fedpeft-export {__version__}",
@@ -173,39 +218,28 @@ def _write_bundle(
         labels=_labels(first.config, options.task),
         max_seq_len=options.max_seq_len,
         opset=options.opset,
-        lora={
-            "target_modules": first.target_modules,
-            "alpha": options.alpha,
-            "dropout": 0.0,
-            "train_head": options.train_head,
-            "ignore_index": IGNORE_INDEX,
-            "frozen_a_seed": SHARED_A_SEED if options.freeze_lora_a else None,
-            "svd_init": svd_init,
-            "full_finetune": options.full_finetune,
-            "optimizer": options.optimizer,
-            "proximal": options.proximal,
-        },
+        lora=LoraSettings(
+            target_modules=first.target_modules, alpha=options.alpha, dropout=0.0, train_head=options.train_head,
+            ignore_index=IGNORE_INDEX, frozen_a_seed=SHARED_A_SEED if options.freeze_lora_a else None,
+            svd_init=svd_init, full_finetune=options.full_finetune, optimizer=options.optimizer,
+            proximal=options.proximal,
+        ),
         base_weights={
             "file": BASE_WEIGHTS_FILE,
             "sha256": sha256_file(work / BASE_WEIGHTS_FILE),
-            "tensors": len(base),
-            "parameters": int(sum(v.size for v in base.values())),
+            "tensors": len(exported.base),
+            "parameters": int(sum(v.size for v in exported.base.values())),
         },
         tokenizer=tokenizer,
         peft_keys=first.peft_keys,
         peft_config=first.peft_config,
         head_shapes={n: s for n, s in first.trainable_shapes.items() if "lora_" not in n},
-        tiers=tiers,
-        embedding_lookup=lookup,
+        tiers=exported.tiers,
+        embedding_lookup=exported.lookup,
     )
-    (work / MANIFEST_FILE).write_text(manifest.to_json())
-    checked = [replace(t, parity_max_abs_diff=_verify_tier(work, t, *references[t.rank])) for t in tiers]
-    manifest = replace(manifest, tiers=checked)
-    (work / MANIFEST_FILE).write_text(manifest.to_json())
-    return manifest
 
 
-def _write_principal(work: Path, loaded: LoadedModel, prefix: int) -> dict:
+def _write_principal(work: Path, loaded: LoadedModel, prefix: int) -> SvdInit:
     """Save the principal parts moved out of the base by --svd-init, so adapters convert back to the original base.
 
     Column slices are strided; safetensors.numpy writes a strided array's memory, not its values.
@@ -213,8 +247,7 @@ def _write_principal(work: Path, loaded: LoadedModel, prefix: int) -> dict:
     tensors = {f"{layer}.{part}": np.ascontiguousarray(value.numpy()) for layer, parts in loaded.principal.items()
                for part, value in parts.items()}
     save_file(tensors, str(work / PRINCIPAL_FILE))
-    return {"method": "federa", "prefix_rank": prefix, "file": PRINCIPAL_FILE,
-            "sha256": sha256_file(work / PRINCIPAL_FILE)}
+    return SvdInit(method="federa", prefix_rank=prefix, file=PRINCIPAL_FILE, sha256=sha256_file(work / PRINCIPAL_FILE))
 
 
 def _check_same_base(base: dict[str, np.ndarray], frozen: dict[str, np.ndarray], rank: int) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import get_args
 
 import click
 
+from edge_sdk.protocol.manifest import OptimizerName
 from export.errors import ExportError
 
 
@@ -55,7 +57,7 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
               help="Baseline: every model weight but the embedding tables trainable (listed as the head), "
                    "LoRA frozen at zero. For the full-FedAvg accuracy reference; the federation protocol "
                    "refuses it (adapters only).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
+@click.option("--optimizer", type=click.Choice(get_args(OptimizerName)), default="adamw", show_default=True,
               help="On-device optimizer graph. AdamW steps every weight by about the learning rate whatever "
                    "the gradient's size; plain SGD steps in proportion to the gradient.")
 @click.option("--proximal", is_flag=True,
@@ -64,7 +66,7 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
-         svd_init: bool, full_finetune: bool, optimizer: str, proximal: bool, force: bool) -> None:
+         svd_init: bool, full_finetune: bool, optimizer: OptimizerName, proximal: bool, force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.bundle import ExportOptions, export_bundle

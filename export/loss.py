@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from onnxruntime.training import onnxblock
 from onnxruntime.training.onnxblock import _graph_utils, blocks
 
-from edge_sdk.manifest import PROXIMAL_MU_INPUT, anchor_input
+from edge_sdk.protocol.manifest import PROXIMAL_MU_INPUT, anchor_input
 
 
 class ProximalCrossEntropy(onnxblock.Block):

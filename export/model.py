@@ -153,10 +153,41 @@ def load_lora_model(
     fine-tuning, for the baseline. The embeddings stay frozen because onnxruntime-training 1.19's
     CPU embedding gradient (GatherGrad) segfaulted in long federated runs.
     """
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
     task = TASKS[task_name]
+    base = _load_base(model_dir, task, num_labels)
+    target_modules = _resolve_targets(base, target_modules)
+    head = [name for name in task.head_modules if hasattr(base, name)]
+    train_head = train_head and not train_all
+    if train_head and not head:
+        raise ExportError(f"--train-head: this {task.name} model has no head module among {task.head_modules}.")
+    peft_model = _inject_lora(base, task, rank, alpha, dropout, target_modules, head if train_head else None)
+    _set_trainable(peft_model, train_head, train_all)
+    if shared_a_rank is not None:
+        _freeze_shared_a(peft_model, shared_a_rank)
+    principal = _init_from_svd(peft_model, svd_prefix) if svd_prefix is not None else {}
+    peft_model.eval()
+    wrapper = ForwardWrapper(peft_model.base_model.model, task).eval()
+    trainable = [(onnx_name(n), p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    return LoadedModel(
+        peft_model=peft_model,
+        wrapper=wrapper,
+        task=task,
+        config=base.config.to_dict(),
+        target_modules=target_modules,
+        trainable=[n for n, _ in trainable],
+        trainable_shapes={n: list(p.shape) for n, p in trainable},
+        peft_keys=_peft_keys(peft_model, strict=not train_all),
+        peft_config=_adapter_config(peft_model),
+        lora_pairs=_lora_pairs(peft_model),
+        frozen_lora=[onnx_name(n) for n, p in peft_model.named_parameters() if "lora_" in n and not p.requires_grad],
+        principal=principal,
+    )
+
+
+def _load_base(model_dir: Path, task: TaskSpec, num_labels: int | None) -> nn.Module:
+    """The Hugging Face model of `task` in float32 with eager attention; random weights for a config-only folder."""
+    import transformers
+
     torch.manual_seed(0)
     kwargs: dict = {"attn_implementation": "eager", "dtype": torch.float32, "local_files_only": True}
     if num_labels is not None and task.name != "causal-lm":
@@ -176,24 +207,30 @@ def load_lora_model(
                 base = auto.from_config(config, attn_implementation="eager")
     except (OSError, ValueError, KeyError) as err:
         raise ExportError(f"Cannot load '{model_dir}' as a {task.name} model: {err}") from err
-    base.eval()
-    target_modules = _resolve_targets(base, target_modules)
-    head = [name for name in task.head_modules if hasattr(base, name)]
-    train_head = train_head and not train_all
-    if train_head and not head:
-        raise ExportError(f"--train-head: this {task.name} model has no head module among {task.head_modules}.")
+    return base.eval()
+
+
+def _inject_lora(base: nn.Module, task: TaskSpec, rank: int, alpha: float, dropout: float,
+                 target_modules: list[str] | str, head: list[str] | None) -> nn.Module:
+    """peft's LoRA of `rank` on `target_modules`; `head` (modules trained in full) None keeps the head frozen."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
-        modules_to_save=head if train_head else None,
-        task_type=task.peft_task_type if train_head else None,
+        modules_to_save=head,
+        task_type=task.peft_task_type if head else None,
     )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(base, config)
+        return get_peft_model(base, config)
+
+
+def _set_trainable(peft_model: nn.Module, train_head: bool, train_all: bool) -> None:
+    """Without a trained head only LoRA trains; `train_all` inverts that and keeps the embedding tables frozen."""
     if not train_head:
         for name, param in peft_model.named_parameters():
             param.requires_grad = ("lora_" in name) != train_all
@@ -201,26 +238,6 @@ def load_lora_model(
         for module in peft_model.modules():
             if isinstance(module, nn.Embedding):
                 module.weight.requires_grad = False
-    if shared_a_rank is not None:
-        _freeze_shared_a(peft_model, shared_a_rank)
-    principal = _init_from_svd(peft_model, svd_prefix) if svd_prefix is not None else {}
-    peft_model.eval()
-    wrapper = ForwardWrapper(peft_model.base_model.model, task).eval()
-    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    return LoadedModel(
-        peft_model=peft_model,
-        wrapper=wrapper,
-        task=task,
-        config=base.config.to_dict(),
-        target_modules=target_modules,
-        trainable=[onnx_name(n) for n in trainable],
-        trainable_shapes={onnx_name(n): list(p.shape) for n, p in peft_model.named_parameters() if p.requires_grad},
-        peft_keys=_peft_keys(peft_model, strict=not train_all),
-        peft_config=_adapter_config(peft_model),
-        lora_pairs=_lora_pairs(peft_model),
-        frozen_lora=[onnx_name(n) for n, p in peft_model.named_parameters() if "lora_" in n and not p.requires_grad],
-        principal=principal,
-    )
 
 
 def _adapter_config(peft_model: nn.Module) -> dict:

@@ -18,11 +18,17 @@ import time
 import numpy as np
 
 from aggregator.strategies.full_fedavg import BYTES_PER_FLOAT32, full_fedavg_upload_bytes, model_parameters
-from edge_sdk.manifest import read_manifest
 from edge_sdk.profile import PRESETS
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer import EvalReport, Trainer
 from fedpeft_sim.simulation import (
-    CORE_WATTS, SimClient, SimConfig, availability, local_summary, prepare_run, summarize,
+    CORE_WATTS,
+    SimClient,
+    SimConfig,
+    availability,
+    local_summary,
+    prepare_run,
+    summarize,
 )
 
 log = logging.getLogger("fedpeft.sim")
@@ -32,7 +38,7 @@ STRATEGY = "full-fedavg"
 def run_full_fedavg(config: SimConfig) -> dict:
     """Run `config` as full-model FedAvg on its --full-finetune bundle; writes the files `run_simulation` writes."""
     manifest = read_manifest(config.bundle)
-    if not manifest.lora.get("full_finetune"):
+    if not manifest.lora.full_finetune:
         raise ValueError(f"{config.bundle} is not a --full-finetune bundle; export one with fedpeft-export --full-finetune.")
     started = time.perf_counter()
     clients, central, central_test = prepare_run(config)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.manifest import read_manifest
 from edge_sdk.protocol import TrainingConfig
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainers import TrainerPool
 from fedpeft_sim import plots
 from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG

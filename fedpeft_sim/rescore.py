@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from aggregator.state import StateDir
-from edge_sdk.manifest import read_manifest
 from edge_sdk.protocol import decode_adapter
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer import Trainer
 from fedpeft_sim.simulation import load_data, subset
 

@@ -27,11 +27,11 @@ from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
 from edge_sdk.data import Example, stratified_split
 from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
-from edge_sdk.manifest import read_manifest
 from edge_sdk.profile import PRESETS
 from edge_sdk.protocol import TrainingConfig, decode_adapter
+from edge_sdk.protocol.manifest import read_manifest
+from edge_sdk.protocol.ranking import RankPolicy
 from edge_sdk.protocol.transport import BrokerSettings
-from edge_sdk.rank import RankPolicy
 from edge_sdk.trainer import Trainer
 from edge_sdk.trainers import TrainerPool
 from fedpeft_sim.partition import histograms, partition

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from edge_sdk.data import Example, stratified_split
 from edge_sdk.datasets import rotten_tomatoes, shard
-
 from tests.conftest import ROOT, TEST_RANKS
 
 

@@ -13,14 +13,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as save_tensors
 
-from edge_sdk.adapter import Adapter
-from edge_sdk.manifest import Manifest, read_manifest
 from edge_sdk.protocol import (
-    AdapterHeader, ChecksumError, CodecError, DTypeError, HeaderError, MissingTensorError, NonFiniteError,
-    NotAnAdapterError, PayloadTooLargeError, RankError, ShapeError, UnknownTensorError, VersionError,
-    decode_adapter, encode_adapter,
+    AdapterHeader,
+    ChecksumError,
+    CodecError,
+    DTypeError,
+    HeaderError,
+    MissingTensorError,
+    NonFiniteError,
+    NotAnAdapterError,
+    PayloadTooLargeError,
+    RankError,
+    ShapeError,
+    UnknownTensorError,
+    VersionError,
+    decode_adapter,
+    encode_adapter,
 )
+from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.codec import MAGIC
+from edge_sdk.protocol.manifest import Manifest, read_manifest
 
 
 @pytest.fixture(scope="module")

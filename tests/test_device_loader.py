@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.bundle import open_tier
-from edge_sdk.manifest import BundleError
+from edge_sdk.protocol.manifest import BundleError
 from tests.conftest import ROOT, run_without_torch
 
 

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from edge_sdk.bundle import open_tier
 from edge_sdk.embeddings import EmbeddingRows
-from edge_sdk.manifest import BundleError, read_manifest
+from edge_sdk.protocol.manifest import BundleError, read_manifest
 
 TABLE = "m.bert.embeddings.word_embeddings.weight"
 

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from edge_sdk.bundle import open_tier
-from edge_sdk.files import sha256_file
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.encoders import TextEncoder
-from edge_sdk.manifest import read_manifest
+from edge_sdk.files import sha256_file
+from edge_sdk.protocol.manifest import read_manifest
 from export.cli import main as export_cli
 from export.model import load_lora_model, resolve_model_dir
 from tests.conftest import TEST_RANKS
@@ -29,13 +29,13 @@ HEAD = HIDDEN * 2 + 2
 def test_manifest_describes_lora_only_tiers(minilm_bundle: Path) -> None:
     manifest = read_manifest(minilm_bundle)
     assert manifest.ranks == list(TEST_RANKS)
-    assert manifest.lora["target_modules"] == ["query", "value"]
+    assert manifest.lora.target_modules == ["query", "value"]
     for tier in manifest.tiers:
         r = tier.rank
         assert len(tier.lora_pairs) == 2 * LAYERS
         for pair in tier.lora_pairs:
             assert pair.a_shape == [r, HIDDEN] and pair.b_shape == [HIDDEN, r]
-            assert pair.scaling == pytest.approx(manifest.lora["alpha"] / r)
+            assert pair.scaling == pytest.approx(manifest.lora.alpha / r)
             assert pair.layer.endswith((".query", ".value"))
         lora = {name for p in tier.lora_pairs for name in (p.a, p.b)}
         head = set(tier.trainable) - lora
@@ -88,7 +88,7 @@ def test_ort_logits_match_a_fresh_peft_model_on_real_sentences(minilm_bundle: Pa
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     assert mask.min() == 0, "the batch should contain padding"
     for rank in TEST_RANKS:
-        loaded = load_lora_model(resolve_model_dir(None), "seq-cls", rank, manifest.lora["alpha"], None, True, 2)
+        loaded = load_lora_model(resolve_model_dir(None), "seq-cls", rank, manifest.lora.alpha, None, True, 2)
         with torch.no_grad():
             reference = loaded.wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         opened = open_tier(minilm_bundle, rank)
@@ -169,7 +169,7 @@ def test_img_cls_vit_exports_with_parity(tmp_path: Path) -> None:
                                              "--num-labels", "10", "--ranks", "2,4"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
-    assert manifest.lora["target_modules"] == ["q_proj", "v_proj"]
+    assert manifest.lora.target_modules == ["q_proj", "v_proj"]
     assert manifest.base_model["random_init"] is True
     assert manifest.embedding_lookup is None
     assert [t.parity_max_abs_diff <= 1e-4 for t in manifest.tiers] == [True, True]

@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from edge_sdk.datasets import rotten_tomatoes
-from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
+from edge_sdk.protocol.manifest import BundleError, read_manifest
 from edge_sdk.trainer import Trainer
 from tests.conftest import TEST_RANKS, peft_logits
 from tests.federation import two_tier_simulation
@@ -37,7 +37,7 @@ def _logits(trainer: Trainer) -> np.ndarray:
 
 def test_every_tier_starts_at_the_pretrained_model_over_one_base(svd_bundle: Path, minilm_bundle: Path) -> None:
     manifest = read_manifest(svd_bundle)
-    prefix = manifest.lora["svd_init"]["prefix_rank"]
+    prefix = manifest.lora.svd_init.prefix_rank
     assert prefix == min(TEST_RANKS)
     plain = _logits(Trainer(minilm_bundle, TEST_RANKS[0], threads=1))
     low, high = (Trainer(svd_bundle, r, threads=1) for r in TEST_RANKS)

@@ -9,7 +9,7 @@ import pytest
 
 from aggregator.round_merge import check_strategy
 from edge_sdk.datasets import rotten_tomatoes
-from edge_sdk.manifest import read_manifest
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer import Trainer
 from tests.conftest import TEST_RANKS
 from tests.federation import two_tier_simulation

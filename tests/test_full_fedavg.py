@@ -12,9 +12,9 @@ from safetensors.numpy import load_file
 from aggregator.round_merge import check_strategy
 from aggregator.strategies.full_fedavg import model_parameters
 from edge_sdk.datasets import rotten_tomatoes
-from edge_sdk.manifest import BundleError, read_manifest
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import TrainingConfig
+from edge_sdk.protocol.manifest import BundleError, read_manifest
 from edge_sdk.trainer import Trainer
 from fedpeft_sim.full_fedavg import run_full_fedavg
 from fedpeft_sim.simulation import SimConfig

@@ -9,9 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from edge_sdk.adapter import Adapter
-from edge_sdk.manifest import read_manifest
 from edge_sdk.protocol import AdapterHeader, decode_adapter, encode_adapter, max_payload_bytes, split_payload
+from edge_sdk.protocol.adapter import Adapter
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.protocol.transport import BrokerSettings
 from tests.federation import ReplayClient, aggregator_thread, wait_for
 

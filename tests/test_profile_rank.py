@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.datasets import rotten_tomatoes
-from edge_sdk.profile import PRESETS, DeviceProfile, ProbeCache, TierProbe, profile_device
+from edge_sdk.profile import PRESETS, ProbeCache, TierProbe, profile_device
+from edge_sdk.protocol import FederationConfig, TrainingConfig, decode_message, encode_message
+from edge_sdk.protocol.ranking import DeviceProfile
 from edge_sdk.rank import InsufficientMemoryError, RankPolicy, choose_rank
 
 GIB = 2**30
@@ -27,7 +29,9 @@ def test_formula_matches_the_definition() -> None:
     balanced = RankPolicy.balanced(16, m_max=4 * GIB, c_max=4.0, d_max=1000)
     assert balanced.raw_rank(_profile(1 * GIB, 2.0, 250)) == int(16 * (0.25 + 0.5 + 0.25) / 3)
     assert balanced.raw_rank(_profile(64 * GIB, 100.0, 10**6)) == 16, "values are capped at the normalizers"
-    assert RankPolicy.from_dict(json.loads(json.dumps(balanced.to_dict()))) == balanced
+    announced = FederationConfig(federation="f", bundle_id="b", ranks=[2, 16], rank_policy=balanced, head="shared",
+                                 dtype="float32", chunk_size=1 << 20, training=TrainingConfig(), rounds=1)
+    assert decode_message(encode_message(announced), FederationConfig).rank_policy == balanced
     with pytest.raises(ValueError):
         RankPolicy(16, (0.0, 0.0, 0.0), 1.0, 1.0, 1.0)
 

@@ -11,9 +11,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_sdk.protocol import (
-    ChunkError, ClientStatus, FederationConfig, GlobalAdapterRef, MessageError, Reassembler, RoundTask, Topics,
-    TrainingConfig, UnsupportedVersionError, decode_message, encode_message, parse_chunk, split_payload,
+    ChunkError,
+    ClientStatus,
+    FederationConfig,
+    GlobalAdapterRef,
+    MessageError,
+    Notice,
+    Reassembler,
+    RoundTask,
+    Topics,
+    TrainingConfig,
+    UnsupportedVersionError,
+    decode_message,
+    encode_message,
+    parse_chunk,
+    split_payload,
 )
+from edge_sdk.protocol.ranking import DeviceProfile, RankChoice, RankPolicy
 from edge_sdk.protocol.transport import BrokerSettings, backoff_delay
 
 
@@ -23,9 +37,12 @@ def _task() -> RoundTask:
 
 
 def test_messages_round_trip_with_version_and_kind():
-    config = FederationConfig("fed", "0123", [2, 8], {"r_max": 8}, "shared", "int8", 1 << 20,
+    config = FederationConfig("fed", "0123", [2, 8], RankPolicy.balanced(8, 2**30, 4.0, 100), "shared", "int8", 1 << 20,
                               TrainingConfig(steps=5, lr=2e-3, proximal_mu=0.01), 3)
-    for message in (config, _task(), ClientStatus("dev-1", "online", rank=8, profile={"threads": 1})):
+    profile = DeviceProfile(memory_bytes=2**30, compute=1.5, num_samples=40, cpu_cores=2, threads=1, device="cpu",
+                            providers=["CPUExecutionProvider"], preset="low")
+    choice = RankChoice(rank=8, raw_rank=9, formula_tier=8, memory_needed_bytes=2**28, memory_available_bytes=2**30)
+    for message in (config, _task(), ClientStatus("dev-1", "online", rank=8, profile=profile, rank_choice=choice)):
         payload = encode_message(message)
         assert json.loads(payload)["version"] == 1
         assert decode_message(payload, type(message)) == message
@@ -51,6 +68,24 @@ def test_malformed_messages_raise_message_error(mutate, match):
     mutate(data)
     with pytest.raises(MessageError, match=match):
         decode_message(json.dumps(data).encode(), RoundTask)
+
+
+@pytest.mark.parametrize("kind, field, value", [
+    (ClientStatus, "state", "sleeping"), (FederationConfig, "head", "global"), (FederationConfig, "dtype", "int4"),
+    (Notice, "verdict", "maybe"),
+])
+def test_fields_with_fixed_choices_refuse_other_values(kind, field, value):
+    config = FederationConfig("fed", "0123", [2, 8], RankPolicy.balanced(8, 2**30, 4.0, 100), "shared", "int8",
+                              1 << 20, TrainingConfig(), 3)
+    message = {ClientStatus: ClientStatus("dev-1", "online"), FederationConfig: config,
+               Notice: Notice("dev-1", "rejected", "late")}[kind]
+    data = {**json.loads(encode_message(message)), field: value}
+    with pytest.raises(MessageError, match=f"{field} must be one of"):
+        decode_message(json.dumps(data).encode(), kind)
+    data = json.loads(encode_message(config))
+    data["training"]["schedule"] = "step"
+    with pytest.raises(MessageError, match="schedule must be one of"):
+        decode_message(json.dumps(data).encode(), FederationConfig)
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,10 +10,10 @@ import pytest
 from edge_sdk.bundle import open_tier
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.encoders import encoder_for
-from edge_sdk.manifest import read_manifest
-from edge_sdk.protocol import TrainingConfig
-from edge_sdk.protocol.transport import BrokerSettings
 from edge_sdk.ort_training import ort
+from edge_sdk.protocol import TrainingConfig
+from edge_sdk.protocol.manifest import read_manifest
+from edge_sdk.protocol.transport import BrokerSettings
 from edge_sdk.trainer import Trainer
 
 MU = 0.7
@@ -36,7 +36,7 @@ def _batch(bundle: Path):
 
 def test_the_term_adds_half_mu_times_the_squared_distance_and_its_gradient(proximal_bundle: Path) -> None:
     manifest = read_manifest(proximal_bundle)
-    assert manifest.proximal
+    assert manifest.lora.proximal
     tier = manifest.tier(2)
     opened = open_tier(proximal_bundle, 2, threads=2)
     params = opened.state.parameters

@@ -11,7 +11,7 @@ import pytest
 from edge_sdk.bundle import open_tier
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.encoders import encoder_for
-from edge_sdk.manifest import read_manifest
+from edge_sdk.protocol.manifest import read_manifest
 
 LR = 0.05
 
@@ -27,7 +27,7 @@ def sgd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_sgd_bundle_steps_by_the_learning_rate_times_the_gradient(sgd_bundle: Path, minilm_bundle: Path) -> None:
     manifest = read_manifest(sgd_bundle)
-    assert manifest.optimizer == "sgd" and read_manifest(minilm_bundle).optimizer == "adamw"
+    assert manifest.lora.optimizer == "sgd" and read_manifest(minilm_bundle).lora.optimizer == "adamw"
     tier = manifest.tier(2)
     ops = {node.op_type for node in onnx.load(str(sgd_bundle / tier.dir / tier.optimizer_model)).graph.node}
     assert any("SGD" in op for op in ops) and not any("AdamW" in op for op in ops)

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.strategies import STRATEGIES, ClientUpdate, LayerSpec, MergeError, get_strategy
-from aggregator.strategies import linalg
+from aggregator.strategies import STRATEGIES, ClientUpdate, LayerSpec, MergeError, get_strategy, linalg
 from aggregator.strategies.linalg import svd_of_product
 
 RANKS = (2, 4, 8)

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_sdk.adapter import Adapter
 from edge_sdk.data import Example, batches, stratified_split
 from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
 from edge_sdk.ort_training import ort
 from edge_sdk.peft_format import write_peft_adapter
+from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.trainer import Trainer, learning_rate, macro_f1, roc_auc
 from edge_sdk.trainers import TrainerPool
 from export.cli import main as export_cli

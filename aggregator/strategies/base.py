@@ -69,7 +69,7 @@ Strategy = Callable[[Sequence[ClientUpdate], Mapping[str, LayerSpec], Sequence[i
 
 
 def layer_specs_from_manifest(manifest) -> dict[str, LayerSpec]:
-    """Layer specs from a bundle manifest (`edge_sdk.manifest.Manifest`)."""
+    """Layer specs from a bundle manifest (`edge_sdk.protocol.manifest.Manifest`)."""
     tier = manifest.tiers[0]
     return {
         p.layer: LayerSpec(p.layer, p.a_shape[1], p.b_shape[0], p.scaling * p.rank)

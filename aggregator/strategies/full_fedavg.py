@@ -18,6 +18,6 @@ def full_fedavg_round_bytes(total_parameters: int, clients: int, bytes_per_value
 
 
 def model_parameters(manifest) -> int:
-    """Base + head parameters of a bundle (`edge_sdk.manifest.Manifest`): what full fine-tuning sends."""
+    """Base + head parameters of a bundle (`edge_sdk.protocol.manifest.Manifest`): what full fine-tuning sends."""
     head = sum(math.prod(shape) for shape in manifest.head_shapes.values())
     return int(manifest.base_weights["parameters"]) + head

@@ -16,19 +16,21 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import get_args
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from edge_sdk.adapter import Adapter
-from edge_sdk.manifest import Manifest
+from edge_sdk.protocol.adapter import Adapter
+from edge_sdk.protocol.manifest import Manifest
+from edge_sdk.protocol.messages import DType
 
 MAGIC = b"FEDPEFT\x00"
 FORMAT = "fedpeft-adapter"
 CODEC_VERSION = 1
-DTYPES = ("float32", "float16", "int8")
+DTYPES: tuple[DType, ...] = get_args(DType)
 MAX_HEADER_BYTES = 64 * 1024
 _PREFIX = struct.Struct("<8sI")
 _HEADER_FIELDS = {
@@ -94,7 +96,7 @@ class AdapterHeader:
     client_id: str
     rank: int
     num_samples: int
-    dtype: str = "float32"
+    dtype: DType = "float32"
     metrics: dict[str, float] = field(default_factory=dict)
     head: bool = False
 

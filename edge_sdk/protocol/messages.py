@@ -8,10 +8,11 @@ sender: anything malformed raises `MessageError` with the reason.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from types import UnionType
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from edge_sdk.protocol.ranking import DeviceProfile, RankChoice, RankPolicy
 from edge_sdk.protocol.topics import check_identifier
 
 PROTOCOL_VERSION = 1
@@ -26,6 +27,14 @@ class UnsupportedVersionError(MessageError):
     """The peer speaks a protocol version this one does not."""
 
 
+DType = Literal["float32", "float16", "int8"]
+"""Element type of the adapter tensors a client uploads (int8: per-rank-component scales)."""
+HeadMode = Literal["shared", "local"]
+"""Whether the task head is averaged by the federation or stays on each device."""
+Schedule = Literal["constant", "linear", "cosine"]
+"""Learning-rate schedule of local training (after the warm-up)."""
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Local training each sampled client runs per round."""
@@ -34,7 +43,7 @@ class TrainingConfig:
     epochs: int = 1
     batch_size: int = 16
     lr: float = 1e-3
-    schedule: str = "linear"
+    schedule: Schedule = "linear"
     warmup_steps: int = 0
     proximal_mu: float = 0.0
     """FedProx's μ (0: plain local training); > 0 needs a `--proximal` bundle."""
@@ -47,9 +56,9 @@ class FederationConfig:
     federation: str
     bundle_id: str
     ranks: list[int]
-    rank_policy: dict[str, Any]
-    head: str
-    dtype: str
+    rank_policy: RankPolicy
+    head: HeadMode
+    dtype: DType
     chunk_size: int
     training: TrainingConfig
     rounds: int
@@ -60,10 +69,10 @@ class ClientStatus:
     """A client's join message and presence (retained; the broker publishes the 'offline' last will)."""
 
     client_id: str
-    state: str
+    state: Literal["online", "offline"]
     rank: int | None = None
-    profile: dict[str, Any] | None = None
-    rank_choice: dict[str, Any] | None = None
+    profile: DeviceProfile | None = None
+    rank_choice: RankChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ class Notice:
     """Aggregator → one client: `verdict` is 'refused' (cannot take part) or 'rejected' (an update was dropped)."""
 
     client_id: str
-    verdict: str
+    verdict: Literal["refused", "rejected"]
     reason: str
     round: int | None = None
 
@@ -169,28 +178,34 @@ def _build(cls: type[_T], data: dict[str, Any]) -> _T:
         values[f.name] = _convert(data[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
     try:
         return cls(**values)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise MessageError(f"{cls.__name__}: {err}") from err
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
-    if hint in (TrainingConfig, GlobalAdapterRef):
+    if is_dataclass(hint):
         if not isinstance(value, dict):
             raise MessageError(f"{where} must be an object.")
         return _build(hint, value)
+    if origin is Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise MessageError(f"{where} must be one of {list(args)}, got {value!r}.")
+        return value
     if origin is UnionType:  # X | None
         return None if value is None else _convert(value, next(a for a in args if a is not type(None)), where)
     if origin is list:
         if not isinstance(value, list):
             raise MessageError(f"{where} must be a list.")
         return [_convert(v, args[0], where) for v in value]
+    if origin is tuple:
+        if not isinstance(value, list) or len(value) != len(args):
+            raise MessageError(f"{where} must be a list of {len(args)} values.")
+        return tuple(_convert(v, a, where) for v, a in zip(value, args))
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise MessageError(f"{where} must be an object with string keys.")
         return {k: _convert(v, args[1], where) for k, v in value.items()}
-    if hint is Any:
-        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -203,8 +218,6 @@ def _check(message: Any) -> None:
     try:
         if isinstance(message, ClientStatus):
             check_identifier(message.client_id, "Client id")
-            if message.state not in ("online", "offline"):
-                raise MessageError(f"ClientStatus.state must be 'online' or 'offline', not {message.state!r}.")
         elif isinstance(message, RoundTask):
             for client in message.sampled:
                 check_identifier(client, "Client id")
@@ -212,8 +225,8 @@ def _check(message: Any) -> None:
                 raise MessageError("RoundTask.round and attempt must not be negative.")
         elif isinstance(message, FederationConfig):
             check_identifier(message.federation, "Federation id")
-            if message.chunk_size < 1024 or not message.ranks or message.head not in ("shared", "local"):
-                raise MessageError("FederationConfig needs chunk_size ≥ 1024, tiers, and head 'shared' or 'local'.")
+            if message.chunk_size < 1024 or not message.ranks:
+                raise MessageError("FederationConfig needs chunk_size ≥ 1024 and tiers.")
         elif isinstance(message, Notice):
             check_identifier(message.client_id, "Client id")
     except ValueError as err:

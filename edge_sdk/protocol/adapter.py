@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_sdk.manifest import Manifest
+from edge_sdk.protocol.manifest import Manifest
 
 Factors = tuple[np.ndarray, np.ndarray]
 

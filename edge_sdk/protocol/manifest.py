@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 FORMAT = "fedpeft-bundle"
 FORMAT_VERSION = 2
@@ -50,6 +51,51 @@ class LoraPair:
         return self.a_shape[0]
 
 
+OptimizerName = Literal["adamw", "sgd"]
+"""The optimizer graph of every tier (`fedpeft-export --optimizer`)."""
+
+
+@dataclass(frozen=True)
+class SvdInit:
+    """`--svd-init` (FeDeRA): the principal part of each adapted weight moved from the base into the adapters.
+
+    `file` (with its SHA-256) holds that part, so adapters convert back onto the original weights.
+    """
+
+    method: str
+    prefix_rank: int
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How the bundle's LoRA was set up; fields added after the first bundles have their old behaviour as default."""
+
+    target_modules: list[str] | str
+    alpha: float
+    dropout: float = 0.0
+    train_head: bool = True
+    ignore_index: int = -100
+    frozen_a_seed: int | None = None
+    """Every A frozen at one seeded draw (`--freeze-lora-a`, for ffa-lora); None: A trains."""
+    svd_init: SvdInit | None = None
+    full_finetune: bool = False
+    """Every model weight trains (`--full-finetune`, for full-model FedAvg); the LoRA factors stay frozen."""
+    optimizer: OptimizerName = "adamw"
+    proximal: bool = False
+    """The training graphs add FedProx's (μ/2)·Σ‖θ − θ_anchor‖² (`fedpeft-export --proximal`)."""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraSettings:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise BundleError(f"Malformed bundle manifest: unknown LoRA settings {sorted(unknown)}; "
+                              "the bundle is newer than this SDK.")
+        init = data.get("svd_init")
+        return cls(**{**data, "svd_init": SvdInit(**init) if init else None})
+
+
 @dataclass(frozen=True)
 class Tier:
     """The graphs, checkpoint and parameter layout of one LoRA rank."""
@@ -88,7 +134,7 @@ class Manifest:
     labels: list[str]
     max_seq_len: int
     opset: int
-    lora: dict
+    lora: LoraSettings
     base_weights: dict
     tokenizer: dict
     peft_keys: dict[str, str]
@@ -108,16 +154,6 @@ class Manifest:
     def lora_pairs(self) -> list[LoraPair]:
         """The adapted layers (shapes at the smallest tier; in/out features are the same at every tier)."""
         return self.tiers[0].lora_pairs
-
-    @property
-    def optimizer(self) -> str:
-        """The optimizer graph of every tier: "adamw" or "sgd" (bundles before the option: AdamW)."""
-        return self.lora.get("optimizer", "adamw")
-
-    @property
-    def proximal(self) -> bool:
-        """Whether the training graphs add FedProx's (μ/2)·Σ‖θ − θ_anchor‖² (`fedpeft-export --proximal`)."""
-        return bool(self.lora.get("proximal", False))
 
     @property
     def head_parameters(self) -> list[str]:
@@ -150,6 +186,7 @@ class Manifest:
                     "inputs": [TensorSpec(**t) for t in data["inputs"]],
                     "outputs": [TensorSpec(**t) for t in data["outputs"]],
                     "label_input": TensorSpec(**data["label_input"]),
+                    "lora": LoraSettings.from_dict(data["lora"]),
                     "tiers": [Tier.from_dict(t) for t in data["tiers"]],
                 }
             )
