@@ -15,8 +15,8 @@ from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.cli_options import broker_options, broker_settings
 from edge_sdk.protocol import DTYPES, TrainingConfig
 from edge_sdk.protocol.manifest import read_manifest
-from edge_sdk.protocol.transport import BrokerUnavailableError
 from edge_sdk.protocol.ranking import RankPolicy
+from edge_sdk.protocol.transport import BrokerUnavailableError
 
 
 @click.command()
@@ -35,7 +35,8 @@ from edge_sdk.protocol.ranking import RankPolicy
 @click.option("--min-online", type=click.IntRange(min=1), default=None,
               help="Clients that must be online before the first round opens [default: --min-clients].")
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="Seconds.")
-@click.option("--strategy", type=click.Choice(sorted(STRATEGIES)), default=DEFAULT_STRATEGY, show_default=True)
+@click.option("--strategy", type=click.Choice(sorted(STRATEGIES)), default=DEFAULT_STRATEGY, show_default=True,
+              help="; ".join(f"{name}: {spec.summary}" for name, spec in STRATEGIES.items()) + ".")
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Crash-safe state; rerun with the same directory to resume.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, path_type=Path), default=None,

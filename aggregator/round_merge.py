@@ -12,21 +12,24 @@ from edge_sdk.protocol import AdapterHeader
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import Manifest
 
-NOT_OVER_MQTT = {"flora": "FLoRA folds each round into the frozen base weights, which a device cannot change"}
-
 
 def check_strategy(name: str, manifest: Manifest | None = None) -> None:
     """Raise ValueError for an unknown strategy, one the device protocol cannot run, or one `manifest` does not suit."""
-    get_strategy(name)
-    frozen_a = manifest is not None and manifest.lora.frozen_a_seed is not None
-    if manifest is not None and (name == "ffa-lora") != frozen_a:
-        raise ValueError("ffa-lora needs every device to hold the same frozen A (`fedpeft-export --freeze-lora-a`), "
-                         "and a bundle with frozen A suits ffa-lora only; export the bundle to match the strategy.")
+    try:
+        spec = get_strategy(name)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    if manifest is not None and spec.frozen_a != (manifest.lora.frozen_a_seed is not None):
+        raise ValueError(f"{name} needs every device to hold the same frozen A (`fedpeft-export --freeze-lora-a`), "
+                         "and a bundle with frozen A suits ffa-lora only; export the bundle to match the strategy."
+                         if spec.frozen_a else
+                         f"This bundle freezes LoRA A (--freeze-lora-a), which suits ffa-lora only, not {name}; "
+                         "export the bundle to match the strategy.")
     if manifest is not None and manifest.lora.full_finetune:
         raise ValueError("This bundle trains every model weight (--full-finetune); the protocol carries adapters. "
-                         "Run it with fedpeft_sim.full_fedavg, or export a LoRA bundle.")
-    if name in NOT_OVER_MQTT:
-        raise ValueError(f"Strategy '{name}' cannot run on devices: {NOT_OVER_MQTT[name]}. Use it in simulation.")
+                         "Run it with `fedpeft-sim run --strategy full-fedavg`, or export a LoRA bundle.")
+    if spec.device_blocker is not None:
+        raise ValueError(f"Strategy '{name}' cannot run on devices: {spec.device_blocker}. Use it in simulation.")
 
 
 def merge_round(

@@ -20,38 +20,21 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from aggregator.records import RoundRecord
 from aggregator.round_merge import check_strategy, merge_round
 from aggregator.state import StateDir
-from aggregator.strategies.full_fedavg import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
+from aggregator.traffic import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import (
-    DEFAULT_CHUNK_SIZE,
-    AdapterHeader,
-    ChunkError,
-    ClientStatus,
-    CodecError,
-    FederationConfig,
-    GlobalAdapterRef,
-    MessageError,
-    Notice,
-    Reassembler,
-    RoundResult,
-    RoundTask,
-    Topics,
-    TrainingConfig,
-    UnsupportedVersionError,
-    decode_adapter,
-    decode_message,
-    encode_adapter,
-    encode_message,
-    max_payload_bytes,
-    split_payload,
+    DEFAULT_CHUNK_SIZE, AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, GlobalAdapterRef,
+    MessageError, Notice, Reassembler, RoundResult, RoundTask, Topics, TrainingConfig, UnsupportedVersionError,
+    decode_adapter, decode_message, encode_adapter, encode_message, max_payload_bytes, split_payload,
 )
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import bundle_id, read_manifest
-from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
 from edge_sdk.protocol.ranking import RankPolicy
+from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
 
 log = logging.getLogger("fedpeft.aggregator")
 AGGREGATOR_ID = "aggregator"
@@ -100,7 +83,7 @@ class Aggregator:
     """Runs `options.rounds` rounds of a federation for the bundle at `bundle`."""
 
     def __init__(self, bundle: str | Path, broker: BrokerSettings, options: AggregatorOptions,
-                 on_round: Callable[[dict], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
         """`on_round(record)` runs after each round is persisted, before the next opens (e.g. to evaluate)."""
         if options.min_clients < 1 or options.rounds < 1:
             raise ValueError("rounds and min_clients must be at least 1.")
@@ -118,7 +101,7 @@ class Aggregator:
         self.state = self.store.load(options.federation, self.bundle_id, options.strategy)
         self.max_update_bytes = max_payload_bytes(self.manifest)
         self.online: dict[str, ClientStatus] = {}
-        self.records: list[dict] = []
+        self.records: list[RoundRecord] = []
         self.rejections_total = 0
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._reassembler = Reassembler(self.max_update_bytes)
@@ -138,7 +121,7 @@ class Aggregator:
             chunk_size=self.options.chunk_size, training=self.options.training, rounds=self.options.rounds,
         )
 
-    def run(self, connect_timeout: float = 30.0) -> list[dict]:
+    def run(self, connect_timeout: float = 30.0) -> list[RoundRecord]:
         """Run (or resume) the federation to its last round; returns the per-round metrics."""
         log.info("merge arithmetic on %s (set %s to choose)", default_backend().name, BACKEND_ENV)
         self.connection.start(connect_timeout)
@@ -240,9 +223,25 @@ class Aggregator:
             self._handle_next(timeout=min(0.5, max(0.01, current.task.deadline - time.time())))
 
     def _close(self) -> None:
+        """Merge, persist the round (globals, peft folder, record, state), then announce it."""
         current = self._round
         assert current is not None
         closing = time.monotonic()
+        payloads, merge_seconds = self._merge(current)
+        record = self._record(current, payloads, merge_seconds)
+        self.store.save_metrics(record.round, record.to_dict())
+        self.state.round, self.state.task = record.round + 1, None
+        self.store.save(self.state)
+        self._round = None
+        self.connection.publish(self.topics.task, b"", retain=True)
+        record.close_seconds = round(time.monotonic() - closing, 4)
+        self._announce(record)
+        log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
+                 record.round, len(record.participants), len(record.dropouts), record.rejected,
+                 1000 * merge_seconds, record.bytes_in / 1e6, record.bytes_out / 1e6)
+
+    def _merge(self, current: _Round) -> tuple[dict[int, bytes], float]:
+        """Merge the accepted updates and save each tier's global payload, ΔW_g's factors and the peft folder."""
         started = time.perf_counter()
         tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest)
         merge_seconds = time.perf_counter() - started
@@ -255,54 +254,42 @@ class Aggregator:
         }
         factors = {f"{layer}::{part}": np.ascontiguousarray(getattr(f, part.lower()), dtype=np.float32)
                    for layer, f in result.global_state.items() for part in ("U", "S", "V")}
-        round_number = current.task.round
-        self.store.save_globals(round_number, payloads, factors)
-        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(round_number), self.bundle)
-        record = self._metrics(current, payloads, merge_seconds)
-        self.store.save_metrics(round_number, record)
-        self.state.round, self.state.task = round_number + 1, None
-        self.store.save(self.state)
-        self._round = None
-        self.connection.publish(self.topics.task, b"", retain=True)
-        record["close_seconds"] = round(time.monotonic() - closing, 4)
+        self.store.save_globals(current.task.round, payloads, factors)
+        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(current.task.round), self.bundle)
+        return payloads, merge_seconds
+
+    def _announce(self, record: RoundRecord) -> None:
+        """Keep the record, append it to the metrics file, publish the RoundResult, call `on_round`."""
         self.records.append(record)
         if self.options.metrics_file:
             with open(self.options.metrics_file, "a") as handle:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
-        result_message = RoundResult(round=round_number, participants=record["participants"],
-                                     dropouts=record["dropouts"], rejected=current.rejected,
-                                     metrics={k: v for k, v in record.items() if isinstance(v, float | int)})
-        self.connection.publish(self.topics.result, encode_message(result_message), retain=True)
+                handle.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
+        result = RoundResult(round=record.round, participants=record.participants, dropouts=record.dropouts,
+                             rejected=record.rejected_reasons, metrics=record.numbers())
+        self.connection.publish(self.topics.result, encode_message(result), retain=True)
         if self.on_round is not None:
             self.on_round(record)
-        log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
-                 round_number, len(record["participants"]), len(record["dropouts"]), current.rejections,
-                 1000 * merge_seconds, record["bytes_in"] / 1e6, record["bytes_out"] / 1e6)
 
-    def _metrics(self, current: _Round, payloads: dict[int, bytes], merge_seconds: float) -> dict:
+    def _record(self, current: _Round, payloads: dict[int, bytes], merge_seconds: float) -> RoundRecord:
         participants = sorted(current.accepted)
-        samples = {cid: current.accepted[cid][0].num_samples for cid in participants}
-        total = sum(samples.values())
-        client_metrics: dict[str, float] = {}
-        for name in sorted({k for h, _ in current.accepted.values() for k in h.metrics}):
-            having = [(samples[c], current.accepted[c][0].metrics[name]) for c in participants
-                      if name in current.accepted[c][0].metrics]
-            client_metrics[f"clients_{name}"] = sum(n * v for n, v in having) / sum(n for n, _ in having)
-        ranks = {cid: current.accepted[cid][1].rank for cid in participants}
+        headers = {cid: current.accepted[cid][0] for cid in participants}
         down = sum(len(payloads[self.online[c].rank]) if c in self.online and self.online[c].rank in payloads
                    else len(payloads[max(payloads)]) for c in participants)
-        return {
-            "round": current.task.round, "attempts": current.task.attempt + 1, "strategy": self.options.strategy,
-            "sampled": current.task.sampled, "participants": participants,
-            "dropouts": sorted(set(current.task.sampled) - set(participants)),
-            "rejected": current.rejections, "rejected_reasons": current.rejected,
-            "ranks": ranks, "samples": total,
-            "bytes_in": current.bytes_in, "bytes_accepted": sum(current.accepted_bytes.values()), "bytes_out": down,
-            "full_fedavg_bytes": full_fedavg_round_bytes(model_parameters(self.manifest), len(participants)),
-            "full_fedavg_bytes_up": full_fedavg_upload_bytes(model_parameters(self.manifest), len(participants)),
-            "merge_seconds": round(merge_seconds, 4), "round_seconds": round(time.monotonic() - current.opened, 3),
-            **client_metrics,
-        }
+        parameters = model_parameters(self.manifest)
+        return RoundRecord(
+            round=current.task.round, attempts=current.task.attempt + 1, strategy=self.options.strategy,
+            sampled=current.task.sampled, participants=participants,
+            dropouts=sorted(set(current.task.sampled) - set(participants)),
+            rejected=current.rejections, rejected_reasons=dict(current.rejected),
+            ranks={cid: current.accepted[cid][1].rank for cid in participants},
+            samples=sum(h.num_samples for h in headers.values()),
+            bytes_in=current.bytes_in, bytes_accepted=sum(current.accepted_bytes.values()), bytes_out=down,
+            full_fedavg_bytes=full_fedavg_round_bytes(parameters, len(participants)),
+            full_fedavg_bytes_up=full_fedavg_upload_bytes(parameters, len(participants)),
+            merge_seconds=round(merge_seconds, 4), round_seconds=round(time.monotonic() - current.opened, 3),
+            client_samples={cid: h.num_samples for cid, h in headers.items()},
+            client_metrics={cid: dict(h.metrics) for cid, h in headers.items()},
+        )
 
     def _load_accepted(self) -> None:
         current = self._round

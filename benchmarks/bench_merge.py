@@ -76,7 +76,7 @@ def compare(updates, layers, ranks, repeats, global_rank=None) -> tuple[float, f
     merge = get_strategy("svd-weighted")
     factored = merge(updates, layers, ranks, global_rank=global_rank)
     t_fact = median_seconds(lambda: merge(updates, layers, ranks, global_rank=global_rank), repeats)
-    with mock.patch("aggregator.strategies.weighted_svd.svd_of_product", dense_svd_of_product):
+    with mock.patch("aggregator.strategies.exact_merge.svd_of_product", dense_svd_of_product):
         dense = merge(updates, layers, ranks, global_rank=global_rank)
         t_dense = median_seconds(lambda: merge(updates, layers, ranks, global_rank=global_rank), repeats)
     err = max(

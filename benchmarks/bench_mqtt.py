@@ -32,14 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from aggregator.service import Aggregator, AggregatorOptions  # noqa: E402
 from edge_sdk.protocol import (  # noqa: E402
-    AdapterHeader,
-    ClientStatus,
-    RoundTask,
-    Topics,
-    decode_message,
-    encode_adapter,
-    encode_message,
-    split_payload,
+    AdapterHeader, ClientStatus, RoundTask, Topics, decode_message, encode_adapter, encode_message, split_payload,
 )
 from edge_sdk.protocol.adapter import Adapter  # noqa: E402
 from edge_sdk.protocol.manifest import read_manifest  # noqa: E402
@@ -175,8 +168,8 @@ def measure(bundle: Path, clients: int, overhead_clients: int, rank: int, repeat
                 seconds, size, _ = aggregator_run(bundle, broker, clients, rank, Path(folder) / f"fan-in{repeat}")
                 agg.append(size / seconds / 1e6)
                 _, _, record = aggregator_run(bundle, broker, overhead_clients, rank, Path(folder) / f"round{repeat}")
-                overhead.append(record["round_seconds"] + record["close_seconds"])
-                merge.append(record["merge_seconds"])
+                overhead.append(record.round_seconds + record.close_seconds)
+                merge.append(record.merge_seconds)
             finally:
                 broker.stop()
             print(f"repeat {repeat + 1}: raw {raw[-1]:.0f} MB/s, aggregator {agg[-1]:.0f} MB/s, "

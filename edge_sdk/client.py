@@ -15,6 +15,7 @@ is still open. Many clients in one process share opened tiers through a `Trainer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
@@ -32,33 +33,20 @@ from edge_sdk.data import Dataset, Example
 from edge_sdk.files import write_atomic
 from edge_sdk.profile import profile_device
 from edge_sdk.protocol import (
-    AdapterHeader,
-    ChunkError,
-    ClientStatus,
-    CodecError,
-    FederationConfig,
-    MessageError,
-    Notice,
-    RoundTask,
-    Topics,
-    UnsupportedVersionError,
-    check_identifier,
-    decode_adapter,
-    decode_message,
-    encode_adapter,
-    encode_message,
-    parse_chunk,
-    split_payload,
+    AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, MessageError, Notice, Reassembler,
+    RoundTask, Topics, UnsupportedVersionError, check_identifier, decode_adapter, decode_message, encode_adapter,
+    encode_message, max_payload_bytes, split_payload,
 )
-from edge_sdk.protocol.chunks import Chunk
 from edge_sdk.protocol.manifest import bundle_id, read_manifest
 from edge_sdk.protocol.ranking import DeviceProfile, RankChoice
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
 from edge_sdk.rank import choose_rank
 from edge_sdk.trainer import EvalReport
-from edge_sdk.trainers import TrainerPool
+from edge_sdk.trainer_pool import TrainerPool
 
 log = logging.getLogger("fedpeft.client")
+GLOBAL_SENDER = "aggregator"
+"""The one sender of global adapter chunks, as the reassembler keys transfers."""
 DataSource = Dataset | Callable[[int], Dataset]
 
 
@@ -115,15 +103,16 @@ class FederatedClient:
         self._trainable: dict | None = None
         self.config: FederationConfig | None = None
         self._task: RoundTask | None = None
-        self._chunks: dict[int, Chunk] = {}
+        self._globals = Reassembler(max_payload_bytes(self.manifest))
+        self._global: bytes | None = None
         self._refused: str | None = None
         self._changed = threading.Condition()
         self._stop = threading.Event()
-        offline = encode_message(ClientStatus(client_id=self.client_id, state="offline"))
+        self._offline = encode_message(ClientStatus(client_id=self.client_id, state="offline"))
         self.connection = MqttConnection(
             f"fedpeft-{federation}-{self.client_id}", broker, self._on_message,
             subscriptions=[self.topics.config, self.topics.task, self.topics.notice(self.client_id)],
-            will=(self.topics.status(self.client_id), offline), on_connect=self._announce,
+            will=(self.topics.status(self.client_id), self._offline), on_connect=self._announce,
         )
         self._status: bytes | None = None
 
@@ -195,9 +184,8 @@ class FederatedClient:
     def close(self) -> None:
         """Mark this device offline and disconnect."""
         if self.connection.connected:
-            offline = encode_message(ClientStatus(client_id=self.client_id, state="offline"))
             try:
-                self.connection.publish_all([(self.topics.status(self.client_id), offline, True)], timeout=5)
+                self.connection.publish_all([(self.topics.status(self.client_id), self._offline, True)], timeout=5)
             except ConnectionError:
                 log.warning("%s: could not publish the offline status", self.client_id)
         self.connection.stop()
@@ -217,8 +205,7 @@ class FederatedClient:
     def _sit_out(self, round_number: int) -> None:
         """Show as offline (so the round need not wait for this device) until round `round_number` is over."""
         log.info("%s: not available for round %d", self.client_id, round_number)
-        offline = encode_message(ClientStatus(client_id=self.client_id, state="offline"))
-        self.connection.publish_all([(self.topics.status(self.client_id), offline, True)], timeout=30)
+        self.connection.publish_all([(self.topics.status(self.client_id), self._offline, True)], timeout=30)
         self._wait(lambda: True if self._task is None or self._task.round != round_number else None, None,
                    f"the end of round {round_number}", allow_stop=True)
         self._announce()
@@ -230,7 +217,7 @@ class FederatedClient:
         ref = task.global_for(rank)
         received = None
         if ref is not None:
-            _, received = decode_adapter(self._download(ref.sha256, ref.chunks), self.manifest)
+            _, received = decode_adapter(self._download(ref.sha256), self.manifest)
         training = self.config.training
         examples = self._round_data(task.round)
         seed = (task.seed + zlib.crc32(self.client_id.encode())) % 2**31
@@ -268,23 +255,20 @@ class FederatedClient:
             raise ValueError(f"{self.client_id}: the data source gave no examples for round {round_number}.")
         return examples
 
-    def _download(self, sha256: str, count: int) -> bytes:
+    def _download(self, sha256: str) -> bytes:
         """The round's global adapter for this tier: subscribed only while needed, so a device
         that is not sampled downloads nothing (the chunks are retained, so they arrive on subscribe)."""
         assert self.rank is not None
         topic = self.topics.global_chunks(self.rank)
+        self._global = None
         self.connection.subscribe(topic)
         try:
-            return self._wait(lambda: self._global_payload(sha256, count), 120, f"the global adapter for r={self.rank}")
+            return self._wait(lambda: self._global if self._global is not None and
+                              hashlib.sha256(self._global).hexdigest() == sha256 else None,
+                              120, f"the global adapter for r={self.rank}")
         finally:
             self.connection.unsubscribe(topic)
-            self._chunks.clear()
-
-    def _global_payload(self, sha256: str, count: int) -> bytes | None:
-        parts = [self._chunks.get(i) for i in range(count)]
-        if any(p is None or p.sha256 != sha256 for p in parts):
-            return None
-        return b"".join(p.data for p in parts if p is not None)
+            self._globals.expire(0)
 
     # Messages (network thread) -----------------------------------------------------------------
 
@@ -309,8 +293,9 @@ class FederatedClient:
             if notice.verdict == "refused":
                 self._refused = notice.reason
         elif self.rank is not None and topic.startswith(self.topics.global_chunks(self.rank)[:-1]) and payload:
-            chunk = parse_chunk(payload, 1 << 30)
-            self._chunks[chunk.index] = chunk
+            complete, _ = self._globals.add(GLOBAL_SENDER, payload)
+            if complete is not None:
+                self._global = complete
 
     def _announce(self) -> None:
         if self._status is not None:

@@ -23,28 +23,13 @@ from edge_sdk.bundle import open_tier
 from edge_sdk.embeddings import safetensors_header
 from edge_sdk.files import sha256_file
 from edge_sdk.protocol.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    LoraPair,
-    LoraSettings,
-    Manifest,
-    OptimizerName,
-    SvdInit,
-    TensorSpec,
-    Tier,
+    FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, LoraSettings, Manifest, OptimizerName, SvdInit, TensorSpec, Tier,
 )
 from export import __version__
 from export.errors import ExportError
 from export.graph import OUTPUT_NAME, detach_embedding_lookup, export_forward, frozen_initializers
 from export.model import (
-    SHARED_A_SEED,
-    TASKS,
-    WEIGHT_SUFFIXES,
-    LoadedModel,
-    load_lora_model,
-    resolve_model_dir,
-    sample_inputs,
+    SHARED_A_SEED, TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs,
 )
 
 BASE_WEIGHTS_FILE = "base_weights.safetensors"

@@ -15,16 +15,7 @@ from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
 from edge_sdk.protocol.manifest import BundleError, read_manifest
 from fedpeft_sim import plots
-from fedpeft_sim.report import (
-    FULL,
-    IMAGE,
-    QUICK,
-    QUICK_IMAGE,
-    VARIANTS,
-    image_base,
-    run_report,
-    variant_bundle,
-)
+from fedpeft_sim.report import FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle
 from fedpeft_sim.simulation import DATA_SETS, SimConfig, run_simulation
 
 DEFAULT_BUNDLE = "runs/bundle"

@@ -17,18 +17,11 @@ import time
 
 import numpy as np
 
-from aggregator.strategies.full_fedavg import BYTES_PER_FLOAT32, full_fedavg_upload_bytes, model_parameters
-from edge_sdk.profile import PRESETS
+from aggregator.traffic import BYTES_PER_FLOAT32, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer import EvalReport, Trainer
 from fedpeft_sim.simulation import (
-    CORE_WATTS,
-    SimClient,
-    SimConfig,
-    availability,
-    local_summary,
-    prepare_run,
-    summarize,
+    SimClient, SimConfig, availability, energy_joules, local_summary, prepare_run, summarize,
 )
 
 log = logging.getLogger("fedpeft.sim")
@@ -61,7 +54,7 @@ def run_full_fedavg(config: SimConfig) -> dict:
                               batch_size=training.batch_size, lr=training.lr, schedule=training.schedule,
                               seed=config.seed + round_number)
             seconds.append(fit.wall_seconds)
-            energy += fit.cpu_seconds / PRESETS[client.preset].compute_factor * CORE_WATTS[client.preset]
+            energy += energy_joules(fit.cpu_seconds, client.preset)
             for name, value in trainer.state().items():
                 sums[name] = sums.get(name, 0.0) + len(client.train) * value.astype(np.float64)
         if present:

@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.manifest import read_manifest
-from edge_sdk.trainers import TrainerPool
+from edge_sdk.trainer_pool import TrainerPool
 from fedpeft_sim import plots
 from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
 from fedpeft_sim.full_fedavg import run_full_fedavg
@@ -101,6 +101,11 @@ LABELS = {"federa": "FeDeRA (svd-weighted)"}
 """Table names of report rows that are not a strategy's own name."""
 
 
+def run_name(row: str, partition: str, dtype: str = "float32", seed: int = 0) -> str:
+    """The folder (and results key) of one report run: row, partition, upload dtype, seed."""
+    return f"{row}_{partition}_{dtype}_s{seed}"
+
+
 def variant_bundle(bundle: Path, row: str) -> Path:
     """The bundle a report row runs on: `bundle`, or its variant export beside it (see VARIANTS)."""
     return bundle.with_name(bundle.name + VARIANTS[row].suffix) if row in VARIANTS else bundle
@@ -123,9 +128,9 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
                                     seed=seed, bundle=variant_bundle(bundle, strategy),
                                     training=replace(plan.training, lr=variant.lr) if variant and variant.lr
                                     else plan.training,
-                                    out=work / f"{strategy}_{part}_float32_s{seed}"))
+                                    out=work / run_name(strategy, part, seed=seed)))
     for dtype in plan.dtypes:
-        runs.append(replace(base, alpha=0.1, dtype=dtype, out=work / f"svd-weighted_alpha0.1_{dtype}_s0"))
+        runs.append(replace(base, alpha=0.1, dtype=dtype, out=work / run_name("svd-weighted", "alpha0.1", dtype)))
     return runs
 
 
@@ -240,7 +245,24 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     """docs/results.md and its PNGs from the runs' summaries and per-round metrics ("not run" where missing);
     `invocation` says how long this command took and whether it trained."""
     figures = docs.parent / "results"
-    lines = [
+    lines = _preamble(plan, results, ceiling, invocation, planned, image is not None)
+    lines += _grid(plan, results, ceiling)
+    lines += _seeds(plan, results)
+    lines += _dtypes(plan, results)
+    lines += _targets(plan, results, ceiling)
+    lines += _observations(plan, results)
+    lines += _figures(plan, results, figures, docs.parent)
+    if image is not None:
+        lines += _image_section(*image, figures, docs.parent)
+    lines += _not_measured()
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text("\n".join(lines))
+    return docs
+
+
+def _preamble(plan: Plan, results: dict, ceiling: dict, invocation: str, planned: int, image: bool) -> list[str]:
+    """Title, provenance, the setup (what is real, what is scaled down) and the ceiling."""
+    return [
         "# Results: federated LoRA with heterogeneous devices" + (" (Rotten Tomatoes, Fashion-MNIST)" if image
                                                                   else " on Rotten Tomatoes"),
         "",
@@ -291,15 +313,10 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         f"macro-F1 {ceiling['macro_f1']:.3f} ({ceiling['train_seconds']:.0f} s).",
         "",
     ]
-    lines += _grid(plan, results, ceiling)
-    lines += _seeds(plan, results)
-    lines += _dtypes(plan, results)
-    lines += _targets(plan, results, ceiling)
-    lines += _observations(plan, results)
-    lines += _figures(plan, results, figures, docs.parent)
-    if image is not None:
-        lines += _image_section(*image, figures, docs.parent)
-    lines += [
+
+
+def _not_measured() -> list[str]:
+    return [
         "## Not measured here",
         "",
         "- Full fine-tuning of the embedding tables (see the full-fedavg row above and experiments.md); "
@@ -313,9 +330,6 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
         "fine-tuning lr) are in [experiments.md](experiments.md).",
         "",
     ]
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text("\n".join(lines))
-    return docs
 
 
 def _grid(plan: Plan, results: dict, ceiling: dict,
@@ -325,7 +339,7 @@ def _grid(plan: Plan, results: dict, ceiling: dict,
              "upload total | % of full FedAvg | wall |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for part in plan.partitions:
         for strategy in plan.strategies:
-            key, label = f"{strategy}_{part}_float32_s0", LABELS.get(strategy, strategy)
+            key, label = run_name(strategy, part), LABELS.get(strategy, strategy)
             if key not in results:
                 lines.append(f"| {label} | {PARTITION_NAMES[part]} | not run | | | | | | | | |")
                 continue
@@ -352,7 +366,7 @@ def _seeds(plan: Plan, results: dict, heading: str = "## Headline") -> list[str]
     lines = [f"{heading}: α=0.1, {len(plan.seeds)} seeds (partition, sampling and training all reseeded)", "",
              "| strategy | final acc mean ± std | per seed | final AUC per seed |", "|---|---:|---|---|"]
     for strategy in HEADLINE:
-        keys = [k for k in (f"{strategy}_alpha0.1_float32_s{s}" for s in plan.seeds) if k in results]
+        keys = [k for k in (run_name(strategy, "alpha0.1", seed=s) for s in plan.seeds) if k in results]
         if not keys:
             continue
         values = [results[k][0]["final_accuracy"] for k in keys]
@@ -365,10 +379,10 @@ def _dtypes(plan: Plan, results: dict) -> list[str]:
     lines = ["## Codec dtype (svd-weighted, α=0.1, seed 0)", "",
              "| dtype | final acc | upload per round | % of full FedAvg |", "|---|---:|---:|---:|"]
     for dtype in ("float32", *plan.dtypes):
-        if f"svd-weighted_alpha0.1_{dtype}_s0" not in results:
+        if run_name("svd-weighted", "alpha0.1", dtype) not in results:
             lines.append(f"| {dtype} | not run | | |")
             continue
-        s, rows = results[f"svd-weighted_alpha0.1_{dtype}_s0"]
+        s, rows = results[run_name("svd-weighted", "alpha0.1", dtype)]
         lines.append(f"| {dtype} | {s['final_accuracy']:.3f} | {s['bytes_up_per_round'] / 1e3:.0f} KB | "
                      f"{upload_ratio(rows):.3%} |")
     return lines + [""]
@@ -376,13 +390,13 @@ def _dtypes(plan: Plan, results: dict) -> list[str]:
 
 def _targets(plan: Plan, results: dict, ceiling: dict) -> list[str]:
     def mean(strategy: str, dtype: str = "float32") -> float:
-        keys = [f"{strategy}_alpha0.1_{dtype}_s{seed}" for seed in plan.seeds]
+        keys = [run_name(strategy, "alpha0.1", dtype, seed) for seed in plan.seeds]
         return float(np.mean([results[k][0]["final_accuracy"] for k in keys if k in results]))
 
-    if not {"svd-weighted_alpha0.1_float32_s0", "fedavg-naive_alpha0.1_float32_s0"} <= set(results):
+    if not {run_name("svd-weighted", "alpha0.1"), run_name("fedavg-naive", "alpha0.1")} <= set(results):
         return ["## Targets", "", "Not evaluated: the α=0.1 runs of svd-weighted and fedavg-naive are not finished.", ""]
     svd, naive = mean("svd-weighted"), mean("fedavg-naive")
-    default, default_rows = results["svd-weighted_alpha0.1_float32_s0"]
+    default, default_rows = results[run_name("svd-weighted", "alpha0.1")]
     checks = [
         ("svd-weighted at α=0.1 ≥ 97% of centralized", f"{svd:.3f} / {ceiling['accuracy']:.3f} = "
          f"{svd / ceiling['accuracy']:.1%}", svd >= 0.97 * ceiling["accuracy"]),
@@ -394,8 +408,8 @@ def _targets(plan: Plan, results: dict, ceiling: dict) -> list[str]:
         ("upload per round ≤ 0.5% of full FedAvg (float32)", f"{upload_ratio(default_rows):.3%}",
          upload_ratio(default_rows) <= 0.005),
     ]
-    if "svd-weighted_alpha0.1_int8_s0" in results:
-        int8 = upload_ratio(results["svd-weighted_alpha0.1_int8_s0"][1])
+    if run_name("svd-weighted", "alpha0.1", "int8") in results:
+        int8 = upload_ratio(results[run_name("svd-weighted", "alpha0.1", "int8")][1])
         checks.append(("upload per round ≤ 0.15% of full FedAvg (int8)", f"{int8:.3%}", int8 <= 0.0015))
     lines = ["## Targets", "", "| target | measured | met |", "|---|---:|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in checks]
@@ -408,17 +422,17 @@ def _observations(plan: Plan, results: dict, heading: str = "## What the runs sh
     majority = float(np.bincount([e.label for e in test]).max() / len(test))
     lines = [heading, ""]
     for part in plan.partitions:
-        final = {s: results[f"{s}_{part}_float32_s0"][0]["final_accuracy"] for s in plan.strategies
-                 if f"{s}_{part}_float32_s0" in results}
+        final = {s: results[run_name(s, part)][0]["final_accuracy"] for s in plan.strategies
+                 if run_name(s, part) in results}
         if not {"svd-weighted", "fedavg-naive"} <= set(final):
             continue
         best = max(final, key=final.get)
         lines.append(f"- {PARTITION_NAMES[part]}: svd-weighted {final['svd-weighted']:.3f} vs fedavg-naive "
                      f"{final['fedavg-naive']:.3f} ({100 * (final['svd-weighted'] - final['fedavg-naive']):+.1f} "
                      f"points); best of the {len(final)} strategies run: {best} ({final[best]:.3f}).")
-        full = f"{FULL_FEDAVG}_{part}_float32_s0"
+        full = run_name(FULL_FEDAVG, part)
         if full in results:
-            cost = results[full][0]["bytes_up"] / results[f"svd-weighted_{part}_float32_s0"][0]["bytes_up"]
+            cost = results[full][0]["bytes_up"] / results[run_name("svd-weighted", part)][0]["bytes_up"]
             lines.append(f"  Full-model FedAvg {final[FULL_FEDAVG]:.3f} vs svd-weighted {final['svd-weighted']:.3f} "
                          f"({100 * (final[FULL_FEDAVG] - final['svd-weighted']):+.1f} points) for {cost:.0f}× "
                          "the upload bytes.")
@@ -445,15 +459,15 @@ def _observations(plan: Plan, results: dict, heading: str = "## What the runs sh
 def _figures(plan: Plan, results: dict, folder: Path, root: Path) -> list[str]:
     lines = ["## Figures", ""]
     for part in plan.partitions:
-        runs = {s: results[f"{s}_{part}_float32_s0"][1] for s in plan.strategies if f"{s}_{part}_float32_s0" in results}
+        runs = {s: results[run_name(s, part)][1] for s in plan.strategies if run_name(s, part) in results}
         if not runs:
             continue
         title = PARTITION_NAMES[part]
         a = plots.accuracy_per_round(runs, f"Accuracy per round, {title}", folder / f"accuracy_{part}.png")
         b = plots.accuracy_per_byte(runs, f"Accuracy vs upload, {title}", folder / f"bytes_{part}.png")
         lines += [f"![{title}]({a.relative_to(root)}) ![{title} bytes]({b.relative_to(root)})", ""]
-    tiers = {f"{s} {PARTITION_NAMES[p]}": results[f"{s}_{p}_float32_s0"][0]
-             for p in plan.partitions for s in HEADLINE if f"{s}_{p}_float32_s0" in results}
+    tiers = {f"{s} {PARTITION_NAMES[p]}": results[run_name(s, p)][0]
+             for p in plan.partitions for s in HEADLINE if run_name(s, p) in results}
     if not tiers:
         return lines
     c = plots.accuracy_by_tier(tiers, folder / "tiers.png")
@@ -486,8 +500,8 @@ def _image_section(plan: Plan, results: dict, ceiling: dict, planned: int, base:
     lines += _grid(plan, results, ceiling, "### Strategies × partitions (image, float32, seed 0)")
     lines += _seeds(plan, results, "### Image")
     lines += _observations(plan, results, "### What the image runs show")
-    runs = {s: results[f"{s}_alpha0.1_float32_s0"][1] for s in plan.strategies
-            if f"{s}_alpha0.1_float32_s0" in results}
+    runs = {s: results[run_name(s, "alpha0.1")][1] for s in plan.strategies
+            if run_name(s, "alpha0.1") in results}
     if runs:
         figure = plots.accuracy_per_round(runs, "Image task: accuracy per round, Dirichlet α=0.1",
                                           folder / "image_accuracy_alpha0.1.png")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.broker import EmbeddedBroker
+from aggregator.records import RoundRecord
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
@@ -33,7 +34,7 @@ from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.protocol.ranking import RankPolicy
 from edge_sdk.protocol.transport import BrokerSettings
 from edge_sdk.trainer import Trainer
-from edge_sdk.trainers import TrainerPool
+from edge_sdk.trainer_pool import TrainerPool
 from fedpeft_sim.partition import histograms, partition
 
 log = logging.getLogger("fedpeft.sim")
@@ -156,8 +157,8 @@ class Evaluator:
                       "bytes_up": 0, "bytes_down": 0, "full_fedavg_bytes": 0, "full_fedavg_bytes_up": 0,
                       "energy_joules": 0.0})
 
-    def __call__(self, record: dict) -> None:
-        round_number = record["round"]
+    def __call__(self, record: RoundRecord) -> None:
+        round_number = record.round
         last = round_number == self.config.rounds
         globals_ = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number).items()}
         top = max(globals_)
@@ -168,7 +169,7 @@ class Evaluator:
         row = {
             "round": round_number, "strategy": self.config.strategy, "central_accuracy": central.accuracy,
             "central_macro_f1": central.macro_f1, "central_roc_auc": central.roc_auc,
-            "central_samples": central.samples, "eval_rank": top, **self._traffic(record), **self._clients(round_number),
+            "central_samples": central.samples, "eval_rank": top, **_traffic(record), **self._clients(record),
         }
         if last or round_number % self.config.local_eval_every == 0:
             row.update(self._local(globals_))
@@ -182,24 +183,11 @@ class Evaluator:
         with open(self.metrics, "a") as handle:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def _traffic(self, record: dict) -> dict:
-        return {
-            "participants": len(record["participants"]), "dropouts": len(record["dropouts"]),
-            "ranks": sorted(record["ranks"].values()), "bytes_up": record["bytes_accepted"],
-            "bytes_down": record["bytes_out"], "full_fedavg_bytes": record["full_fedavg_bytes"],
-            "full_fedavg_bytes_up": record["full_fedavg_bytes_up"],
-            "round_seconds": record["round_seconds"], "merge_seconds": record["merge_seconds"],
-        }
-
-    def _clients(self, round_number: int) -> dict:
-        """Client training time and the energy estimate, from the metrics in the real uploaded payloads."""
+    def _clients(self, record: RoundRecord) -> dict:
+        """Client training time and the energy estimate, from the metrics the uploads carried."""
         presets = {c.client_id: c.preset for c in self.clients}
-        train, energy = [], 0.0
-        for payload in self.store.updates(round_number).values():
-            header, _ = decode_adapter(payload, self.manifest)
-            preset = presets[header.client_id]
-            train.append(header.metrics["train_seconds"])
-            energy += header.metrics["train_cpu_seconds"] / PRESETS[preset].compute_factor * CORE_WATTS[preset]
+        train = [m["train_seconds"] for m in record.client_metrics.values()]
+        energy = sum(energy_joules(m["train_cpu_seconds"], presets[cid]) for cid, m in record.client_metrics.items())
         return {"client_train_seconds_mean": float(np.mean(train)), "client_train_seconds_max": float(np.max(train)),
                 "energy_joules": round(energy, 2)}
 
@@ -215,6 +203,21 @@ class Evaluator:
                     if c.rank == rank:
                         accuracy[c.client_id] = trainer.evaluate(c.test).accuracy
         return local_summary(self.clients, accuracy, by_rank)
+
+
+def _traffic(record: RoundRecord) -> dict:
+    return {
+        "participants": len(record.participants), "dropouts": len(record.dropouts),
+        "ranks": sorted(record.ranks.values()), "bytes_up": record.bytes_accepted,
+        "bytes_down": record.bytes_out, "full_fedavg_bytes": record.full_fedavg_bytes,
+        "full_fedavg_bytes_up": record.full_fedavg_bytes_up,
+        "round_seconds": record.round_seconds, "merge_seconds": record.merge_seconds,
+    }
+
+
+def energy_joules(cpu_seconds: float, preset: str) -> float:
+    """CPU seconds on this host as joules on the preset's device (see CORE_WATTS)."""
+    return cpu_seconds / PRESETS[preset].compute_factor * CORE_WATTS[preset]
 
 
 def local_summary(clients: list[SimClient], accuracy: dict[str, float], by_rank: dict[int, float]) -> dict:

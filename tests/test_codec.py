@@ -14,20 +14,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import save as save_tensors
 
 from edge_sdk.protocol import (
-    AdapterHeader,
-    ChecksumError,
-    CodecError,
-    DTypeError,
-    HeaderError,
-    MissingTensorError,
-    NonFiniteError,
-    NotAnAdapterError,
-    PayloadTooLargeError,
-    RankError,
-    ShapeError,
-    UnknownTensorError,
-    VersionError,
-    decode_adapter,
+    AdapterHeader, ChecksumError, CodecError, DTypeError, HeaderError, MissingTensorError, NonFiniteError,
+    NotAnAdapterError, PayloadTooLargeError, RankError, ShapeError, UnknownTensorError, VersionError, decode_adapter,
     encode_adapter,
 )
 from edge_sdk.protocol.adapter import Adapter

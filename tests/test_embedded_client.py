@@ -52,7 +52,7 @@ def test_two_app_clients_federate_through_the_embedded_broker_and_a_late_one_ret
         assert not waiter.is_alive(), "a finished federation ends run()"
         assert time.monotonic() - started < 30
 
-    assert [m["participants"] for m in aggregator.records] == [["app0", "app1"]] * 2
+    assert [m.participants for m in aggregator.records] == [["app0", "app1"]] * 2
     for i in range(2):
         assert [r.round for r in reports[f"app{i}"]] == [1, 2]
         assert [r.samples for r in reports[f"app{i}"]] == [56, 64]

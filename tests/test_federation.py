@@ -16,13 +16,7 @@ from edge_sdk.protocol import decode_adapter
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer import Trainer
 from tests.federation import (
-    finish,
-    read_metrics,
-    rotten_tomatoes_split,
-    start_aggregator,
-    start_client,
-    wait_for,
-    write_shards,
+    finish, read_metrics, rotten_tomatoes_split, start_aggregator, start_client, wait_for, write_shards,
 )
 
 pytestmark = pytest.mark.slow

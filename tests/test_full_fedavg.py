@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from aggregator.round_merge import check_strategy
-from aggregator.strategies.full_fedavg import model_parameters
+from aggregator.traffic import model_parameters
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import TrainingConfig

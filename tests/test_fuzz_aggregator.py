@@ -108,10 +108,10 @@ def test_a_thousand_malformed_updates_are_dropped_and_change_nothing(minilm_bund
     clean, clean_record, _ = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "clean", False, caplog)
     fuzzed, record, sent = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "fuzzed", True, caplog)
     assert sent >= 1000
-    assert record["participants"] == clean_record["participants"] == sorted(CLIENTS)
-    assert record["rejected"] >= sent - 4
-    reasons = " ".join(record["rejected_reasons"].values())
-    assert "forged sender" in record["rejected_reasons"]["mallory"] or "not sampled" in reasons
+    assert record.participants == clean_record.participants == sorted(CLIENTS)
+    assert record.rejected >= sent - 4
+    reasons = " ".join(record.rejected_reasons.values())
+    assert "forged sender" in record.rejected_reasons["mallory"] or "not sampled" in reasons
     for layer, (a, b) in clean.lora.items():
         assert np.array_equal(fuzzed.lora[layer][0], a) and np.array_equal(fuzzed.lora[layer][1], b)
     for name, value in clean.head.items():

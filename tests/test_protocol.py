@@ -11,21 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_sdk.protocol import (
-    ChunkError,
-    ClientStatus,
-    FederationConfig,
-    GlobalAdapterRef,
-    MessageError,
-    Notice,
-    Reassembler,
-    RoundTask,
-    Topics,
-    TrainingConfig,
-    UnsupportedVersionError,
-    decode_message,
-    encode_message,
-    parse_chunk,
-    split_payload,
+    ChunkError, ClientStatus, FederationConfig, GlobalAdapterRef, MessageError, Notice, Reassembler, RoundTask, Topics,
+    TrainingConfig, UnsupportedVersionError, decode_message, encode_message, parse_chunk, split_payload,
 )
 from edge_sdk.protocol.ranking import DeviceProfile, RankChoice, RankPolicy
 from edge_sdk.protocol.transport import BrokerSettings, backoff_delay

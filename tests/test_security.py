@@ -91,7 +91,7 @@ def test_aggregator_over_tls_rejects_a_forged_sender_and_accepts_the_real_one(se
     thread.join(60)
     assert not thread.is_alive() and not errors
     record = aggregator.records[0]
-    assert record["participants"] == ["dev1"]
-    assert "forged sender" in record["rejected_reasons"]["dev1"]
+    assert record.participants == ["dev1"]
+    assert "forged sender" in record.rejected_reasons["dev1"]
     assert any("forged sender" in n["reason"] for n in dev1.notices)
     dev1.close()

@@ -17,7 +17,7 @@ from edge_sdk.ort_training import ort
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.trainer import Trainer, learning_rate, macro_f1, roc_auc
-from edge_sdk.trainers import TrainerPool
+from edge_sdk.trainer_pool import TrainerPool
 from export.cli import main as export_cli
 from tests.conftest import peft_logits
 

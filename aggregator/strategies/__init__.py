@@ -1,29 +1,36 @@
-"""Aggregation strategies: pure functions (client updates, layer specs, tier ranks) → MergeResult, by name."""
+"""Aggregation strategies: pure functions (client updates, layer specs, tier ranks) → MergeResult, by name.
+
+The registry says what each needs: a bundle with one frozen A for every device (ffa-lora), or the
+simulator because devices cannot run it (flora).
+"""
 
 from __future__ import annotations
 
-from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult, Strategy, SvdFactors
+from aggregator.strategies.base import (
+    ClientUpdate, LayerSpec, MergeError, MergeResult, Strategy, StrategySpec, SvdFactors,
+)
 from aggregator.strategies.fedavg_naive import fedavg_naive
 from aggregator.strategies.ffa_lora import ffa_lora
 from aggregator.strategies.flexlora import flexlora
 from aggregator.strategies.flora import flora
 from aggregator.strategies.hetlora import hetlora
 from aggregator.strategies.svd_weighted import svd_weighted
-from aggregator.strategies.weighted_svd import MergeError
 
-STRATEGIES: dict[str, Strategy] = {
-    "svd-weighted": svd_weighted,
-    "fedavg-naive": fedavg_naive,
-    "hetlora": hetlora,
-    "flexlora": flexlora,
-    "flora": flora,
-    "ffa-lora": ffa_lora,
+STRATEGIES: dict[str, StrategySpec] = {
+    "svd-weighted": StrategySpec(svd_weighted, "exact merge weighted by n_i·‖ΔW_i‖_F, best rank-r per tier"),
+    "fedavg-naive": StrategySpec(fedavg_naive, "A and B averaged separately (zero-padded), the inexact baseline"),
+    "hetlora": StrategySpec(hetlora, "zero-padded average weighted by ‖B_i A_i‖_F"),
+    "flexlora": StrategySpec(flexlora, "exact merge weighted by n_i, best rank-r per tier"),
+    "flora": StrategySpec(flora, "stacked factors folded into the base each round",
+                          device_blocker="FLoRA folds each round into the frozen base weights, which a device "
+                                         "cannot change"),
+    "ffa-lora": StrategySpec(ffa_lora, "A frozen and shared, B averaged", frozen_a=True),
 }
 DEFAULT_STRATEGY = "svd-weighted"
 
 
-def get_strategy(name: str) -> Strategy:
-    """The strategy registered under `name`."""
+def get_strategy(name: str) -> StrategySpec:
+    """The strategy registered under `name` (call it to merge)."""
     try:
         return STRATEGIES[name]
     except KeyError:
@@ -32,5 +39,5 @@ def get_strategy(name: str) -> Strategy:
 
 __all__ = [
     "DEFAULT_STRATEGY", "STRATEGIES", "ClientUpdate", "LayerSpec", "MergeError", "MergeResult", "Strategy",
-    "SvdFactors", "get_strategy",
+    "StrategySpec", "SvdFactors", "get_strategy",
 ]

@@ -65,7 +65,31 @@ class MergeResult:
     base_delta: dict[str, Factors] = field(default_factory=dict)
 
 
-Strategy = Callable[[Sequence[ClientUpdate], Mapping[str, LayerSpec], Sequence[int]], MergeResult]
+Strategy = Callable[..., MergeResult]
+"""(updates, layers, tier ranks, **strategy options) → MergeResult; options such as `global_rank` are keywords."""
+
+
+class MergeError(Exception):
+    """No update of the round could be merged."""
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy: its merge function and what it needs from the bundle and the devices.
+
+    Calling the spec runs the merge, so `get_strategy(name)(updates, layers, ranks)` merges.
+    """
+
+    merge: Strategy
+    summary: str
+    frozen_a: bool = False
+    """Needs every device to hold the same frozen A (`fedpeft-export --freeze-lora-a`); such a bundle suits it only."""
+    device_blocker: str | None = None
+    """Why devices cannot run it over the protocol (None: they can); it runs in simulation only."""
+
+    def __call__(self, updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
+                 **options: object) -> MergeResult:
+        return self.merge(updates, layers, ranks, **options)
 
 
 def layer_specs_from_manifest(manifest) -> dict[str, LayerSpec]:

@@ -13,17 +13,14 @@ import numpy as np
 
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.linalg import svd_of_product
-from aggregator.strategies.validate import split_valid
-from aggregator.strategies.weighted_svd import MergeError
+from aggregator.strategies.validate import accepted_or_raise
 
 A_TOLERANCE = 1e-6
 
 
 def ffa_lora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int]) -> MergeResult:
     """B_g = Σ (n_i/Σn) pad(B_i); tier r gets (A_shared[:r], B_g[:, :r])."""
-    accepted, rejected = split_valid(updates, layers, ranks)
-    if not accepted:
-        raise MergeError(f"no valid update to merge; rejected: {rejected}")
+    accepted, rejected, _ = accepted_or_raise(updates, layers, ranks)
     reference = max(sorted(accepted, key=lambda u: u.client_id), key=lambda u: u.rank)
     shared = {name: reference.factors[name][0] for name in layers}
     kept = []

@@ -15,19 +15,14 @@ import numpy as np
 
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.linalg import svd_of_product
-from aggregator.strategies.validate import split_valid
-from aggregator.strategies.weighted_svd import MergeError
+from aggregator.strategies.validate import accepted_or_raise
 
 
 def flora(
     updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int], seed: int = 0
 ) -> MergeResult:
     """Exact stacked update in `base_delta`; tiers carry fresh LoRA (Kaiming-uniform A from `seed`, B = 0)."""
-    accepted, rejected = split_valid(updates, layers, ranks)
-    if not accepted:
-        raise MergeError(f"no valid update to merge; rejected: {rejected}")
-    accepted.sort(key=lambda u: u.client_id)
-    n = np.array([u.num_samples for u in accepted], dtype=np.float64)
+    accepted, rejected, n = accepted_or_raise(updates, layers, ranks, order=lambda u: u.client_id)
     w = n / n.sum()
     rng = np.random.default_rng(seed)
     base_delta, global_state, weights = {}, {}, {}

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
-from aggregator.strategies.weighted_svd import merge_exact, normalized
+from aggregator.strategies.exact_merge import merge_exact, normalized
 
 
 def svd_weighted(

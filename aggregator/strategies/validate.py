@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from aggregator.strategies.base import ClientUpdate, LayerSpec
+from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeError
 
 
 def rejection_reason(update: ClientUpdate, layers: Mapping[str, LayerSpec], ranks: Sequence[int]) -> str | None:
@@ -56,3 +57,17 @@ def split_valid(
         else:
             rejected[update.client_id] = reason
     return accepted, rejected
+
+
+def accepted_or_raise(
+    updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
+    order: Callable[[ClientUpdate], Any] | None = None,
+) -> tuple[list[ClientUpdate], dict[str, str], np.ndarray]:
+    """`split_valid`'s accepted updates (sorted by `order` if given), rejections and the accepted sample
+    counts n (float64); raises MergeError when nothing can be merged."""
+    accepted, rejected = split_valid(updates, layers, ranks)
+    if not accepted:
+        raise MergeError(f"no valid update to merge; rejected: {rejected}")
+    if order is not None:
+        accepted.sort(key=order)
+    return accepted, rejected, np.array([u.num_samples for u in accepted], dtype=np.float64)

@@ -11,8 +11,7 @@ import numpy as np
 
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.linalg import product_norms, svd_of_product
-from aggregator.strategies.validate import split_valid
-from aggregator.strategies.weighted_svd import MergeError
+from aggregator.strategies.validate import accepted_or_raise
 
 PadWeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(n: (N,), norms of B_i A_i: (N,)) → weights (N,) summing to 1."""
@@ -22,11 +21,8 @@ def merge_padded(
     updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int], weight_fn: PadWeightFn
 ) -> MergeResult:
     """Per layer: A_g = Σ w_i pad(A_i), B_g = Σ w_i pad(B_i); tier r gets A_g[:r], B_g[:, :r]."""
-    accepted, rejected = split_valid(updates, layers, ranks)
-    if not accepted:
-        raise MergeError(f"no valid update to merge; rejected: {rejected}")
+    accepted, rejected, n = accepted_or_raise(updates, layers, ranks)
     top = max(ranks)
-    n = np.array([u.num_samples for u in accepted], dtype=np.float64)
     tiers: dict[int, dict] = {r: {} for r in sorted(set(ranks))}
     global_state = {}
     weights = {}

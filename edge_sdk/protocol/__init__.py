@@ -2,38 +2,13 @@
 
 from edge_sdk.protocol.chunks import DEFAULT_CHUNK_SIZE, ChunkError, Reassembler, parse_chunk, split_payload
 from edge_sdk.protocol.codec import (
-    CODEC_VERSION,
-    DTYPES,
-    AdapterHeader,
-    ChecksumError,
-    CodecError,
-    DTypeError,
-    HeaderError,
-    MissingTensorError,
-    NonFiniteError,
-    NotAnAdapterError,
-    PayloadTooLargeError,
-    RankError,
-    ShapeError,
-    UnknownTensorError,
-    VersionError,
-    decode_adapter,
-    encode_adapter,
-    max_payload_bytes,
+    CODEC_VERSION, DTYPES, AdapterHeader, ChecksumError, CodecError, DTypeError, HeaderError, MissingTensorError,
+    NonFiniteError, NotAnAdapterError, PayloadTooLargeError, RankError, ShapeError, UnknownTensorError, VersionError,
+    decode_adapter, encode_adapter, max_payload_bytes,
 )
 from edge_sdk.protocol.messages import (
-    PROTOCOL_VERSION,
-    ClientStatus,
-    FederationConfig,
-    GlobalAdapterRef,
-    MessageError,
-    Notice,
-    RoundResult,
-    RoundTask,
-    TrainingConfig,
-    UnsupportedVersionError,
-    decode_message,
-    encode_message,
+    PROTOCOL_VERSION, ClientStatus, FederationConfig, GlobalAdapterRef, MessageError, Notice, RoundResult, RoundTask,
+    TrainingConfig, UnsupportedVersionError, decode_message, encode_message,
 )
 from edge_sdk.protocol.topics import Topics, check_identifier
 

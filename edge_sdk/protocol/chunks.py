@@ -8,15 +8,14 @@ per sender; a corrupt chunk, or a transfer that never completes, fails that payl
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 import time
 from dataclasses import dataclass, field
+
+from edge_sdk.protocol.framing import frame, unframe
 
 CHUNK_MAGIC = b"FPCHUNK\x00"
 CHUNK_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
-_PREFIX = struct.Struct("<8sI")
 _MAX_HEADER = 4096
 _FIELDS = {"version": int, "sha256": str, "size": int, "index": int, "count": int, "chunk_sha256": str}
 
@@ -44,28 +43,17 @@ def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[
     pieces = [payload[i:i + chunk_size] for i in range(0, len(payload), chunk_size)] or [b""]
     out = []
     for index, piece in enumerate(pieces):
-        header = json.dumps({
+        out.append(frame(CHUNK_MAGIC, {
             "version": CHUNK_VERSION, "sha256": digest, "size": len(payload), "index": index,
             "count": len(pieces), "chunk_sha256": hashlib.sha256(piece).hexdigest(),
-        }, sort_keys=True).encode()
-        out.append(_PREFIX.pack(CHUNK_MAGIC, len(header)) + header + piece)
+        }, piece))
     return out
 
 
 def parse_chunk(message: bytes, max_size: int) -> Chunk:
     """Validate one framed chunk; `max_size` bounds the whole payload it may belong to."""
-    if len(message) < _PREFIX.size:
-        raise ChunkError(f"Chunk of {len(message)} bytes is too short.")
-    magic, header_len = _PREFIX.unpack_from(message)
-    if magic != CHUNK_MAGIC:
-        raise ChunkError("Not a FedPEFT chunk (wrong magic).")
-    if header_len > _MAX_HEADER or _PREFIX.size + header_len > len(message):
-        raise ChunkError(f"Chunk header length {header_len} is out of bounds.")
-    try:
-        header = json.loads(message[_PREFIX.size:_PREFIX.size + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ChunkError(f"Chunk header is not JSON: {err}") from err
-    if not isinstance(header, dict) or set(header) != set(_FIELDS):
+    header, data = unframe(message, CHUNK_MAGIC, _MAX_HEADER, "chunk", ChunkError, ChunkError)
+    if set(header) != set(_FIELDS):
         raise ChunkError(f"Chunk header must have exactly the fields {sorted(_FIELDS)}.")
     for key, kind in _FIELDS.items():
         if not isinstance(header[key], kind) or isinstance(header[key], bool):
@@ -77,7 +65,6 @@ def parse_chunk(message: bytes, max_size: int) -> Chunk:
         raise ChunkError(f"Transfer of {size} bytes exceeds the {max_size}-byte limit.")
     if not (1 <= count <= max(1, size) and 0 <= index < count):
         raise ChunkError(f"Chunk index {index} of {count} is out of range.")
-    data = message[_PREFIX.size + header_len:]
     if hashlib.sha256(data).hexdigest() != header["chunk_sha256"]:
         raise ChunkError(f"Chunk {index} of {count} fails its SHA-256: corrupted in transit.")
     return Chunk(header["sha256"], size, index, count, data)

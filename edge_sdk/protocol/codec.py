@@ -1,6 +1,6 @@
 """Adapter codec: the bytes that cross the network for one adapter, and their strict validation.
 
-Layout: MAGIC (8 bytes) | header length (uint32 little-endian) | JSON header | safetensors bytes.
+Layout (`framing`): MAGIC (8 bytes) | header length (uint32 little-endian) | JSON header | safetensors bytes.
 The header says who sent what (federation, round, client, rank, sample count, metrics, dtype)
 and carries the SHA-256 of the safetensors bytes. Tensors are named `<layer>::A`, `<layer>::B`
 and `head::<parameter>`; int8 tensors carry a float32 `<name>::scale` per rank component.
@@ -12,8 +12,6 @@ pickle anywhere: JSON and safetensors only.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import get_args
@@ -24,6 +22,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from edge_sdk.protocol.adapter import Adapter
+from edge_sdk.protocol.framing import PREFIX, frame, unframe
 from edge_sdk.protocol.manifest import Manifest
 from edge_sdk.protocol.messages import DType
 
@@ -32,7 +31,6 @@ FORMAT = "fedpeft-adapter"
 CODEC_VERSION = 1
 DTYPES: tuple[DType, ...] = get_args(DType)
 MAX_HEADER_BYTES = 64 * 1024
-_PREFIX = struct.Struct("<8sI")
 _HEADER_FIELDS = {
     "format": str, "version": int, "federation": str, "round": int, "client_id": str, "rank": int,
     "num_samples": int, "metrics": dict, "dtype": str, "head": bool, "sha256": str, "tensor_bytes": int,
@@ -107,7 +105,7 @@ def max_payload_bytes(manifest: Manifest) -> int:
     tensors = 2 * len(tier.lora_pairs) + len(manifest.head_parameters)
     values = sum(p.a_shape[0] * p.a_shape[1] + p.b_shape[0] * p.b_shape[1] for p in tier.lora_pairs)
     values += sum(int(np.prod(shape)) for shape in manifest.head_shapes.values())
-    return 4 * values + 512 * tensors + MAX_HEADER_BYTES + _PREFIX.size
+    return 4 * values + 512 * tensors + MAX_HEADER_BYTES + PREFIX.size
 
 
 def encode_adapter(adapter: Adapter, header: AdapterHeader) -> bytes:
@@ -127,10 +125,11 @@ def encode_adapter(adapter: Adapter, header: AdapterHeader) -> bytes:
         "metrics": {k: float(v) for k, v in header.metrics.items()},
         "sha256": hashlib.sha256(body).hexdigest(), "tensor_bytes": len(body),
     }
-    text = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
-    if len(text) > MAX_HEADER_BYTES:
-        raise HeaderError(f"Header of {len(text)} bytes exceeds {MAX_HEADER_BYTES}: send fewer metrics.")
-    return _PREFIX.pack(MAGIC, len(text)) + text + body
+    payload = frame(MAGIC, meta, body)
+    header_bytes = len(payload) - len(body) - PREFIX.size
+    if header_bytes > MAX_HEADER_BYTES:
+        raise HeaderError(f"Header of {header_bytes} bytes exceeds {MAX_HEADER_BYTES}: send fewer metrics.")
+    return payload
 
 
 def decode_adapter(payload: bytes, manifest: Manifest, max_bytes: int | None = None) -> tuple[AdapterHeader, Adapter]:
@@ -141,15 +140,8 @@ def decode_adapter(payload: bytes, manifest: Manifest, max_bytes: int | None = N
     payload = bytes(payload)
     if len(payload) > limit:
         raise PayloadTooLargeError(f"Payload of {len(payload)} bytes exceeds the {limit}-byte limit for this bundle.")
-    if len(payload) < _PREFIX.size:
-        raise NotAnAdapterError(f"Payload of {len(payload)} bytes is too short to be an adapter.")
-    magic, header_len = _PREFIX.unpack_from(payload)
-    if magic != MAGIC:
-        raise NotAnAdapterError("Payload does not start with the FedPEFT adapter magic.")
-    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(payload):
-        raise HeaderError(f"Header length {header_len} is out of bounds.")
-    meta = _parse_header(payload[_PREFIX.size:_PREFIX.size + header_len])
-    body = payload[_PREFIX.size + header_len:]
+    meta, body = unframe(payload, MAGIC, MAX_HEADER_BYTES, "adapter payload", NotAnAdapterError, HeaderError)
+    _check_header(meta)
     if meta["rank"] not in manifest.ranks:
         raise RankError(f"Declared rank {meta['rank']} is not a tier of this bundle {manifest.ranks}.")
     if meta["tensor_bytes"] != len(body) or hashlib.sha256(body).hexdigest() != meta["sha256"]:
@@ -166,13 +158,7 @@ def decode_adapter(payload: bytes, manifest: Manifest, max_bytes: int | None = N
     return header, adapter
 
 
-def _parse_header(raw: bytes) -> dict:
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HeaderError(f"Header is not valid JSON: {err}") from err
-    if not isinstance(meta, dict):
-        raise HeaderError("Header must be a JSON object.")
+def _check_header(meta: dict) -> None:
     if meta.get("format") != FORMAT:
         raise HeaderError(f"Header format is {meta.get('format')!r}, not {FORMAT!r}.")
     if meta.get("version") != CODEC_VERSION:
@@ -194,7 +180,6 @@ def _parse_header(raw: bytes) -> dict:
         raise HeaderError("Header 'metrics' must map names to numbers.")
     if meta["dtype"] not in DTYPES:
         raise DTypeError(f"Unknown dtype {meta['dtype']!r}; this peer reads {DTYPES}.")
-    return meta
 
 
 def _encode_tensor(key: str, value: np.ndarray, dtype: str, axis: int) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from types import UnionType
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from edge_sdk.protocol.framing import json_object
 from edge_sdk.protocol.ranking import DeviceProfile, RankChoice, RankPolicy
 from edge_sdk.protocol.topics import check_identifier
 
@@ -135,12 +136,7 @@ def decode_message(payload: bytes, expected: type[Message]) -> Message:
     """Parse and validate a message of type `expected`."""
     if len(payload) > MAX_MESSAGE_BYTES:
         raise MessageError(f"Control message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}.")
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MessageError(f"Not a JSON control message: {err}") from err
-    if not isinstance(data, dict):
-        raise MessageError("A control message must be a JSON object.")
+    data = json_object(payload, "A control message", MessageError)
     version = data.pop("version", None)
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersionError(

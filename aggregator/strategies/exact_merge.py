@@ -13,14 +13,10 @@ import numpy as np
 
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult, SvdFactors
 from aggregator.strategies.linalg import product_norms, redistribute, svd_of_product
-from aggregator.strategies.validate import split_valid
+from aggregator.strategies.validate import accepted_or_raise
 
 WeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(n: (N,), norms: (L, N)) → weights (L, N), each row summing to 1."""
-
-
-class MergeError(Exception):
-    """No update of the round could be merged."""
 
 
 def merge_exact(
@@ -31,11 +27,7 @@ def merge_exact(
     global_rank: int | None = None,
 ) -> MergeResult:
     """Validate, weight and merge; each tier gets the best rank-r factors of ΔW_g."""
-    accepted, rejected = split_valid(updates, layers, ranks)
-    if not accepted:
-        raise MergeError(f"no valid update to merge; rejected: {rejected}")
-    accepted.sort(key=lambda u: u.rank)
-    n = np.array([u.num_samples for u in accepted], dtype=np.float64)
+    accepted, rejected, n = accepted_or_raise(updates, layers, ranks, order=lambda u: u.rank)
     client_ranks = np.array([u.rank for u in accepted])
     global_state: dict[str, SvdFactors] = {}
     weights: dict[str, dict[str, float]] = {}

@@ -1,4 +1,4 @@
-"""full-fedavg: the communication reference — every client downloads and uploads all model weights."""
+"""Traffic of the communication reference, full-model FedAvg: every client downloads and uploads all model weights."""
 
 from __future__ import annotations
 
