@@ -29,7 +29,8 @@ def check_strategy(name: str, manifest: Manifest | None = None) -> None:
         raise ValueError("This bundle trains every model weight (--full-finetune); the protocol carries adapters. "
                          "Run it with `fedpeft-sim run --strategy full-fedavg`, or export a LoRA bundle.")
     if spec.device_blocker is not None:
-        raise ValueError(f"Strategy '{name}' cannot run on devices: {spec.device_blocker}. Use it in simulation.")
+        raise ValueError(f"Strategy '{name}' cannot run on devices: {spec.device_blocker}. Choose another "
+                         "--strategy; its merge function stays available in aggregator.strategies.")
 
 
 def merge_round(

@@ -27,9 +27,10 @@ from aggregator.strategies.linalg import BACKEND_ENV, default_backend
 from aggregator.traffic import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import (
-    DEFAULT_CHUNK_SIZE, AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, GlobalAdapterRef,
-    MessageError, Notice, Reassembler, RoundResult, RoundTask, Topics, TrainingConfig, UnsupportedVersionError,
-    decode_adapter, decode_message, encode_adapter, encode_message, max_payload_bytes, split_payload,
+    DEFAULT_CHUNK_SIZE, AdapterHeader, ChunkError, ClientStatus, CodecError, DType, FederationConfig, GlobalAdapterRef,
+    HeadMode, MessageError, Notice, Reassembler, RoundResult, RoundTask, Topics, TrainingConfig,
+    UnsupportedVersionError, decode_adapter, decode_message, encode_adapter, encode_message, max_payload_bytes,
+    split_payload,
 )
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import bundle_id, read_manifest
@@ -56,8 +57,8 @@ class AggregatorOptions:
     seed: int = 0
     training: TrainingConfig = field(default_factory=TrainingConfig)
     rank_policy: RankPolicy | None = None
-    head: str = "shared"
-    dtype: str = "float32"
+    head: HeadMode = "shared"
+    dtype: DType = "float32"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metrics_file: Path | None = None
 

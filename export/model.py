@@ -215,14 +215,8 @@ def _inject_lora(base: nn.Module, task: TaskSpec, rank: int, alpha: float, dropo
     """peft's LoRA of `rank` on `target_modules`; `head` (modules trained in full) None keeps the head frozen."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        modules_to_save=head,
-        task_type=task.peft_task_type if head else None,
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        modules_to_save=head, task_type=task.peft_task_type if head else None)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -10,15 +10,20 @@ from pathlib import Path
 
 import click
 
+from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
 from edge_sdk.protocol.manifest import BundleError, read_manifest
 from fedpeft_sim import plots
+from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
+from fedpeft_sim.full_fedavg import run_full_fedavg
 from fedpeft_sim.report import FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle
 from fedpeft_sim.simulation import DATA_SETS, SimConfig, run_simulation
 
 DEFAULT_BUNDLE = "runs/bundle"
+RUNNABLE = [name for name, spec in STRATEGIES.items() if spec.device_blocker is None]
+"""Strategies the simulated devices can run (the simulation speaks the real protocol)."""
 DEFAULT_IMAGE_BUNDLE = "runs/bundle-fmnist"
 
 
@@ -64,10 +69,13 @@ def _image_bundle(path: Path) -> Path:
     return path
 
 
-def _data_bundle(path: Path | None, data: str) -> Path:
-    """The bundle for `data`: `path` when given, else the default text or image bundle (made when missing)."""
+def _data_bundle(path: Path | None, data: str, strategy: str) -> Path:
+    """The bundle for `data`: `path` when given, else the default text or image bundle (made when missing);
+    a strategy with its own export (ffa-lora, full-fedavg) gets that variant beside the default text bundle."""
     if data == "fashion-mnist-5-9":
         return _image_bundle(path or Path(DEFAULT_IMAGE_BUNDLE))
+    if path is None and strategy in VARIANTS:
+        return _bundle(variant_bundle(Path(DEFAULT_BUNDLE), strategy), *VARIANTS[strategy].export_args)
     return _bundle(path or Path(DEFAULT_BUNDLE))
 
 
@@ -88,7 +96,8 @@ def main(verbose: bool) -> None:
               help=f"[default: {DEFAULT_BUNDLE}, or {DEFAULT_IMAGE_BUNDLE} for the image data; made when missing]")
 @click.option("--data", type=click.Choice(DATA_SETS), default="rotten-tomatoes", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (replaced).")
-@click.option("--strategy", default="svd-weighted", show_default=True)
+@click.option("--strategy", type=click.Choice(sorted([*RUNNABLE, FULL_FEDAVG])), default=DEFAULT_STRATEGY,
+              show_default=True, help=f"A merge strategy, or {FULL_FEDAVG} (full fine-tuning, in process).")
 @click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True)
@@ -116,13 +125,16 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         pool_limit: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
-        bundle=_data_bundle(bundle, data), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
+        bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
         rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
         training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                                 proximal_mu=proximal_mu), dtype=dtype,
         eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
     )
-    summary = run_simulation(config)
+    try:
+        summary = run_full_fedavg(config) if strategy == FULL_FEDAVG else run_simulation(config)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     if plot:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         summary["plots"] = [str(plots.accuracy_per_round({strategy: rows}, strategy, out / "accuracy.png")),

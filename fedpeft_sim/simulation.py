@@ -29,7 +29,7 @@ from edge_sdk.client import FederatedClient
 from edge_sdk.data import Example, stratified_split
 from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
 from edge_sdk.profile import PRESETS
-from edge_sdk.protocol import TrainingConfig, decode_adapter
+from edge_sdk.protocol import DType, TrainingConfig, decode_adapter
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.protocol.ranking import RankPolicy
 from edge_sdk.protocol.transport import BrokerSettings
@@ -61,7 +61,7 @@ class SimConfig:
     dropout: float = 0.0
     seed: int = 0
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=1, lr=2e-3, schedule="constant"))
-    dtype: str = "float32"
+    dtype: DType = "float32"
     local_test_fraction: float = 0.2
     pool_limit: int | None = None
     eval_samples: int | None = 1000

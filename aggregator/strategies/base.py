@@ -85,7 +85,7 @@ class StrategySpec:
     frozen_a: bool = False
     """Needs every device to hold the same frozen A (`fedpeft-export --freeze-lora-a`); such a bundle suits it only."""
     device_blocker: str | None = None
-    """Why devices cannot run it over the protocol (None: they can); it runs in simulation only."""
+    """Why devices cannot run it over the protocol (None: they can); its merge function is still callable."""
 
     def __call__(self, updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
                  **options: object) -> MergeResult:

@@ -1,22 +1,32 @@
-"""The one doorway between devices and the aggregator: topics, control messages, chunking, adapter codec, transport."""
+"""The one doorway between devices and the aggregator: topics, control messages, chunking, adapter codec, transport.
 
+Its data types (the bundle manifest, adapters, the rank policy and device profile) are plain
+dataclasses over numpy, JSON and safetensors: the aggregator imports this package without the
+device runtime (onnxruntime, tokenizers).
+"""
+
+from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.chunks import DEFAULT_CHUNK_SIZE, ChunkError, Reassembler, parse_chunk, split_payload
 from edge_sdk.protocol.codec import (
     CODEC_VERSION, DTYPES, AdapterHeader, ChecksumError, CodecError, DTypeError, HeaderError, MissingTensorError,
     NonFiniteError, NotAnAdapterError, PayloadTooLargeError, RankError, ShapeError, UnknownTensorError, VersionError,
     decode_adapter, encode_adapter, max_payload_bytes,
 )
+from edge_sdk.protocol.manifest import BundleError, LoraSettings, Manifest, read_manifest
 from edge_sdk.protocol.messages import (
-    PROTOCOL_VERSION, ClientStatus, FederationConfig, GlobalAdapterRef, MessageError, Notice, RoundResult, RoundTask,
-    TrainingConfig, UnsupportedVersionError, decode_message, encode_message,
+    PROTOCOL_VERSION, ClientStatus, DType, FederationConfig, GlobalAdapterRef, HeadMode, MessageError, Notice,
+    RoundResult, RoundTask, Schedule, TrainingConfig, UnsupportedVersionError, decode_message, encode_message,
 )
+from edge_sdk.protocol.ranking import DeviceProfile, RankChoice, RankPolicy
 from edge_sdk.protocol.topics import Topics, check_identifier
 
 __all__ = [
-    "CODEC_VERSION", "DEFAULT_CHUNK_SIZE", "DTYPES", "PROTOCOL_VERSION", "AdapterHeader", "ChecksumError",
-    "ChunkError", "ClientStatus", "CodecError", "DTypeError", "FederationConfig", "GlobalAdapterRef", "HeaderError",
-    "MessageError", "MissingTensorError", "NonFiniteError", "NotAnAdapterError", "Notice", "PayloadTooLargeError",
-    "RankError", "Reassembler", "RoundResult", "RoundTask", "ShapeError", "Topics", "TrainingConfig",
-    "UnknownTensorError", "UnsupportedVersionError", "VersionError", "check_identifier", "decode_adapter",
-    "decode_message", "encode_adapter", "encode_message", "max_payload_bytes", "parse_chunk", "split_payload",
+    "CODEC_VERSION", "DEFAULT_CHUNK_SIZE", "DTYPES", "PROTOCOL_VERSION", "Adapter", "AdapterHeader", "BundleError",
+    "ChecksumError", "ChunkError", "ClientStatus", "CodecError", "DType", "DTypeError", "DeviceProfile",
+    "FederationConfig", "GlobalAdapterRef", "HeadMode", "HeaderError", "LoraSettings", "Manifest", "MessageError",
+    "MissingTensorError", "NonFiniteError", "NotAnAdapterError", "Notice", "PayloadTooLargeError", "RankChoice",
+    "RankError", "RankPolicy", "Reassembler", "RoundResult", "RoundTask", "Schedule", "ShapeError", "Topics",
+    "TrainingConfig", "UnknownTensorError", "UnsupportedVersionError", "VersionError", "check_identifier",
+    "decode_adapter", "decode_message", "encode_adapter", "encode_message", "max_payload_bytes", "parse_chunk",
+    "read_manifest", "split_payload",
 ]
