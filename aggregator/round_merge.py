@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
+from aggregator.server_state import HEAD, ServerOptimizer, ServerState, step, tier_adapters
 from aggregator.strategies import ClientUpdate, MergeResult, get_strategy
 from aggregator.strategies.base import layer_specs_from_manifest
 from edge_sdk.protocol import AdapterHeader
@@ -61,3 +63,36 @@ def _average_heads(ordered: list[tuple[AdapterHeader, Adapter]]) -> dict[str, np
         name: sum((n / total) * head[name].astype(np.float64) for n, head in with_head).astype(np.float32)
         for name in with_head[0][1]
     }
+
+
+def merge_with_server(
+    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], sent: Mapping[int, Adapter],
+    state: ServerState, optimizer: ServerOptimizer, manifest: Manifest, filler: Mapping[str, np.ndarray],
+) -> tuple[dict[int, Adapter], MergeResult, ServerState]:
+    """Per-tier adapters from the server state stepped with the round's pseudo-gradient.
+
+    `sent` holds the tier adapters the clients started from (the previous round's globals); the
+    strategy merges each client's update against them, and the head's pseudo-gradient is the
+    sample-weighted mean of the head updates. The result's `global_state` is the new ΔW_g's SVD.
+    """
+    spec = get_strategy(strategy)
+    ordered = [updates[cid] for cid in sorted(updates)]
+    client_updates = [ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=h.num_samples, factors=a.lora,
+                                   sent=sent[a.rank].lora) for h, a in ordered]
+    layers = layer_specs_from_manifest(manifest)
+    result = spec(client_updates, layers, manifest.ranks)
+    grads: dict[str, np.ndarray] = {}
+    if state.form == "exact":
+        grads.update({f"{name}::W": factors.dense() for name, factors in result.global_state.items()})
+    else:
+        for name, (a, b) in result.tiers[max(manifest.ranks)].items():
+            grads[f"{name}::B"] = b
+            if not spec.frozen_a:
+                grads[f"{name}::A"] = a
+    reference = sent[max(manifest.ranks)].head
+    heads = _average_heads([(h, Adapter(a.rank, a.lora, {k: v - reference[k] for k, v in a.head.items()}))
+                            for h, a in ordered if a.head])
+    grads.update({HEAD + name: value for name, value in heads.items()})
+    new_state = step(state, grads, optimizer)
+    tiers, svds = tier_adapters(new_state, layers, manifest.ranks, filler)
+    return tiers, replace(result, global_state=svds), new_state

@@ -14,15 +14,18 @@ import math
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
 from aggregator.records import RoundRecord
-from aggregator.round_merge import check_strategy, merge_round
-from aggregator.state import StateDir
+from aggregator.round_merge import check_strategy, merge_round, merge_with_server
+from aggregator.server_state import ServerOptimizer, initial_adapter, initial_state, tier_adapters
+from aggregator.state import StateDir, StateError
+from aggregator.strategies import SvdFactors, get_strategy
+from aggregator.strategies.base import layer_specs_from_manifest
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
 from aggregator.traffic import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.peft_format import write_peft_adapter
@@ -61,6 +64,9 @@ class AggregatorOptions:
     dtype: DType = "float32"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metrics_file: Path | None = None
+    server_optimizer: ServerOptimizer | None = None
+    """None: each round's merge replaces the global; otherwise the aggregator holds the global and
+    steps it with the merged client updates (`aggregator.server_state`)."""
 
     def sample_size(self, online: int) -> int:
         wanted = self.clients_per_round if self.clients_per_round else math.ceil((self.fraction or 1.0) * online)
@@ -99,7 +105,13 @@ class Aggregator:
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
         self.store = StateDir(options.state_dir)
-        self.state = self.store.load(options.federation, self.bundle_id, options.strategy)
+        optimizer = options.server_optimizer
+        self.state = self.store.load(options.federation, self.bundle_id, options.strategy,
+                                     asdict(optimizer) if optimizer else None)
+        self._form = get_strategy(options.strategy).state
+        if optimizer is not None and self._form is None:
+            raise ValueError(f"Strategy '{options.strategy}' keeps no server state; run it without a server optimizer.")
+        self._filler: dict[str, np.ndarray] = {}
         self.max_update_bytes = max_payload_bytes(self.manifest)
         self.online: dict[str, ClientStatus] = {}
         self.records: list[RoundRecord] = []
@@ -128,6 +140,8 @@ class Aggregator:
         self.connection.start(connect_timeout)
         try:
             self.connection.publish_all([(self.topics.config, encode_message(self.config()), True)], 30)
+            if self.options.server_optimizer is not None:
+                self._start_server_state()
             while self.state.round <= self.options.rounds and not self._stop:
                 self._open_or_resume()
                 self._collect()
@@ -242,22 +256,57 @@ class Aggregator:
                  1000 * merge_seconds, record.bytes_in / 1e6, record.bytes_out / 1e6)
 
     def _merge(self, current: _Round) -> tuple[dict[int, bytes], float]:
-        """Merge the accepted updates and save each tier's global payload, ΔW_g's factors and the peft folder."""
+        """Merge the accepted updates and save each tier's global payload, ΔW_g's factors, the server state
+        (with a server optimizer) and the peft folder."""
+        round_number = current.task.round
         started = time.perf_counter()
-        tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest)
+        optimizer, server_state = self.options.server_optimizer, None
+        if optimizer is None:
+            tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest)
+        else:
+            assert self._form is not None
+            previous = self.store.server_state(round_number - 1, self._form)
+            if previous is None:
+                raise StateError(f"{self.store.root}: the server state of round {round_number - 1} is missing.")
+            sent = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number - 1).items()}
+            tiers, result, server_state = merge_with_server(self.options.strategy, current.accepted, sent, previous,
+                                                            optimizer, self.manifest, self._filler)
         merge_seconds = time.perf_counter() - started
-        total_samples = sum(h.num_samples for h, _ in current.accepted.values())
+        payloads = self._save_globals(round_number, tiers, result.global_state,
+                                      sum(h.num_samples for h, _ in current.accepted.values()))
+        if server_state is not None:
+            self.store.save_server_state(round_number, server_state)
+        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(round_number), self.bundle)
+        return payloads, merge_seconds
+
+    def _save_globals(self, round_number: int, tiers: dict[int, Adapter], global_state: dict[str, SvdFactors],
+                      samples: int) -> dict[int, bytes]:
         payloads = {
             rank: encode_adapter(adapter, AdapterHeader(
-                federation=self.options.federation, round=current.task.round, client_id=AGGREGATOR_ID, rank=rank,
-                num_samples=total_samples, dtype="float32"))
+                federation=self.options.federation, round=round_number, client_id=AGGREGATOR_ID, rank=rank,
+                num_samples=samples, dtype="float32"))
             for rank, adapter in tiers.items()
         }
         factors = {f"{layer}::{part}": np.ascontiguousarray(getattr(f, part.lower()), dtype=np.float32)
-                   for layer, f in result.global_state.items() for part in ("U", "S", "V")}
-        self.store.save_globals(current.task.round, payloads, factors)
-        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(current.task.round), self.bundle)
-        return payloads, merge_seconds
+                   for layer, f in global_state.items() for part in ("U", "S", "V")}
+        self.store.save_globals(round_number, payloads, factors)
+        return payloads
+
+    def _start_server_state(self) -> None:
+        """Round 0 of a server-optimizer federation: the starting state and the globals devices begin from."""
+        assert self._form is not None
+        top = max(self.manifest.ranks)
+        with_head = self.options.head == "shared" and bool(self.manifest.head_parameters)
+        start = initial_adapter(self.bundle, self.manifest, top, with_head)
+        self._filler = {name: a for name, (a, _) in start.lora.items()}
+        if self.store.server_state(0, self._form) is not None:
+            return
+        if self.state.round > 1:
+            raise StateError(f"{self.store.root} was started without a server optimizer; use another --state-dir.")
+        state = initial_state(start, layer_specs_from_manifest(self.manifest), self._form)
+        tiers, svds = tier_adapters(state, layer_specs_from_manifest(self.manifest), self.manifest.ranks, self._filler)
+        self._save_globals(0, tiers, svds, 0)
+        self.store.save_server_state(0, state)
 
     def _announce(self, record: RoundRecord) -> None:
         """Keep the record, append it to the metrics file, publish the RoundResult, call `on_round`."""

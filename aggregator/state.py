@@ -7,6 +7,8 @@ Layout (every file written atomically; JSON, safetensors and FedPEFT adapter pay
     rounds/0003/global-factors.safetensors   ΔW_g factors per layer (U, S, V)
     rounds/0003/peft/                 the global adapter as a Hugging Face peft folder
     rounds/0003/metrics.json          the round's metrics (also appended to the metrics file)
+    rounds/0003/server-state.safetensors  with a server optimizer: the global adapter and its moments
+    rounds/0000/                      with a server optimizer: the starting state and globals
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
+from aggregator.server_state import ServerState, StateForm
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import RoundTask, check_identifier
 from edge_sdk.protocol.messages import MessageError, message_from_dict
 
 STATE_VERSION = 1
 PAYLOAD_SUFFIX = ".fpa"
+SERVER_STATE_FILE = "server-state.safetensors"
 
 
 class StateError(RuntimeError):
@@ -39,6 +43,8 @@ class AggregatorState:
     strategy: str
     round: int = 1
     task: RoundTask | None = None
+    server_optimizer: dict | None = None
+    """The server optimizer's settings (None: the merge replaces the global each round)."""
 
 
 class StateDir:
@@ -47,11 +53,12 @@ class StateDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def load(self, federation: str, bundle_id: str, strategy: str) -> AggregatorState:
-        """The saved state, or a fresh one; refuses a directory of another federation/bundle/strategy."""
+    def load(self, federation: str, bundle_id: str, strategy: str,
+             server_optimizer: dict | None = None) -> AggregatorState:
+        """The saved state, or a fresh one; refuses a directory of another federation/bundle/strategy/server optimizer."""
         path = self.root / "state.json"
         if not path.exists():
-            return AggregatorState(federation, bundle_id, strategy)
+            return AggregatorState(federation, bundle_id, strategy, server_optimizer=server_optimizer)
         try:
             data = json.loads(path.read_text())
             if data.pop("version") != STATE_VERSION:
@@ -60,11 +67,12 @@ class StateDir:
             state = AggregatorState(**data, task=message_from_dict(RoundTask, task) if task else None)
         except (OSError, ValueError, KeyError, TypeError, MessageError) as err:
             raise StateError(f"Cannot read {path}: {err}. Move the directory aside to start a new federation.") from err
-        mine = (federation, bundle_id, strategy)
-        if (state.federation, state.bundle_id, state.strategy) != mine:
+        mine = (federation, bundle_id, strategy, server_optimizer)
+        if (state.federation, state.bundle_id, state.strategy, state.server_optimizer) != mine:
             raise StateError(
                 f"{self.root} holds federation {state.federation!r} (bundle {state.bundle_id}, strategy "
-                f"{state.strategy}), not {mine}: use another --state-dir to start a new federation."
+                f"{state.strategy}, server optimizer {state.server_optimizer}), not {mine}: use another --state-dir "
+                "to start a new federation."
             )
         return state
 
@@ -93,11 +101,20 @@ class StateDir:
             write_atomic(folder / f"global-r{rank}{PAYLOAD_SUFFIX}", payload)
 
     def globals(self, round_number: int) -> dict[int, bytes]:
-        """Global adapter payloads written at the end of `round_number`, rank → bytes (empty for round 0)."""
+        """Global adapter payloads written at the end of `round_number`, rank → bytes; round 0 holds the server
+        state's starting globals (empty without a server optimizer)."""
         folder = self.round_dir(round_number)
-        if round_number < 1 or not folder.is_dir():
+        if round_number < 0 or not folder.is_dir():
             return {}
         return {int(p.stem[len("global-r"):]): p.read_bytes() for p in folder.glob(f"global-r*{PAYLOAD_SUFFIX}")}
+
+    def save_server_state(self, round_number: int, state: ServerState) -> None:
+        write_atomic(self.round_dir(round_number) / SERVER_STATE_FILE, state.to_bytes())
+
+    def server_state(self, round_number: int, form: StateForm) -> ServerState | None:
+        """The server's global adapter and optimizer moments after `round_number` (0: the start), if saved."""
+        path = self.round_dir(round_number) / SERVER_STATE_FILE
+        return ServerState.from_bytes(path.read_bytes(), form) if path.is_file() else None
 
     def save_metrics(self, round_number: int, record: dict) -> None:
         write_atomic(self.round_dir(round_number) / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from aggregator.cli_options import server_optimizer, server_optimizer_options
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
@@ -107,11 +108,13 @@ def main(verbose: bool) -> None:
 @click.option("--tiers", default="low=1,mid=1,high=1", show_default=True, callback=_mix, help="Device preset mix.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Local steps per round [default: epochs].")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Local learning rate.")
 @click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
+@server_optimizer_options
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Central test examples scored per round (the whole split after the last).")
@@ -121,14 +124,17 @@ def main(verbose: bool) -> None:
 @click.option("--plot/--no-plot", default=True, show_default=True)
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
-        seed: int, epochs: int, batch_size: int, lr: float, proximal_mu: float, dtype: str, eval_samples: int, local_eval_every: int,
-        pool_limit: int | None, broker: str | None, plot: bool) -> None:
+        seed: int, steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, server_opt: str,
+        server_lr: float, server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
+        dtype: str, eval_samples: int, local_eval_every: int, pool_limit: int | None, broker: str | None,
+        plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
         bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
         rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
-        training=TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
+        training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                                 proximal_mu=proximal_mu), dtype=dtype,
+        server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
         eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
     )
     try:

@@ -23,6 +23,7 @@ import numpy as np
 
 from aggregator.broker import EmbeddedBroker
 from aggregator.records import RoundRecord
+from aggregator.server_state import ServerOptimizer
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
@@ -70,6 +71,7 @@ class SimConfig:
     rank_policy: RankPolicy | None = None
     round_timeout: float = 900.0
     data: str = "rotten-tomatoes"
+    server_optimizer: ServerOptimizer | None = None
 
 
 DATA_SETS = ("rotten-tomatoes", "fashion-mnist-5-9")
@@ -265,7 +267,7 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
         federation=federation, rounds=config.rounds, state_dir=config.out / "state", fraction=config.fraction,
         min_online=config.clients, round_timeout=config.round_timeout, strategy=config.strategy, seed=config.seed,
         training=config.training, rank_policy=config.rank_policy or default_policy(bundle_ranks(config), clients),
-        dtype=config.dtype,
+        dtype=config.dtype, server_optimizer=config.server_optimizer,
     )
     aggregator = Aggregator(config.bundle, settings, options, on_round=evaluator)
     failures: list[BaseException] = []

@@ -74,13 +74,15 @@ def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bu
     assert peft_config["r"] == 8
 
 
+@pytest.mark.parametrize("server", [(), ("--server-opt", "adam", "--server-lr", "1e-3", "--strategy", "svd-weighted")],
+                         ids=["replace-merge", "server-adam"])
 def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninterrupted_run(
-        minilm_bundle, mosquitto, tmp_path):
+        minilm_bundle, mosquitto, tmp_path, server):
     pool, _ = rotten_tomatoes_split()
     shards = write_shards(tmp_path / "data", pool, [32, 160, 320])
     cache = tmp_path / "cache"
     args = ("--federation", "crash", "--rounds", "2", "--clients-per-round", "3", "--min-clients", "3",
-            "--round-timeout", "300", "--epochs", "1", "--lr", "3e-3")
+            "--round-timeout", "300", "--epochs", "1", "--lr", "3e-3", *server)
 
     def federation(name: str, kill_in_round: int | None) -> tuple[object, list[dict]]:
         state, logs = tmp_path / name, [tmp_path / f"{name}-aggregator.log"]

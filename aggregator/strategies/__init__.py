@@ -17,14 +17,16 @@ from aggregator.strategies.hetlora import hetlora
 from aggregator.strategies.svd_weighted import svd_weighted
 
 STRATEGIES: dict[str, StrategySpec] = {
-    "svd-weighted": StrategySpec(svd_weighted, "exact merge weighted by n_i·‖ΔW_i‖_F, best rank-r per tier"),
-    "fedavg-naive": StrategySpec(fedavg_naive, "A and B averaged separately (zero-padded), the inexact baseline"),
-    "hetlora": StrategySpec(hetlora, "zero-padded average weighted by ‖B_i A_i‖_F"),
-    "flexlora": StrategySpec(flexlora, "exact merge weighted by n_i, best rank-r per tier"),
+    "svd-weighted": StrategySpec(svd_weighted, "exact merge weighted by n_i·‖ΔW_i‖_F, best rank-r per tier",
+                                 state="exact"),
+    "fedavg-naive": StrategySpec(fedavg_naive, "A and B averaged separately (zero-padded), the inexact baseline",
+                                 state="factors"),
+    "hetlora": StrategySpec(hetlora, "zero-padded average weighted by ‖B_i A_i‖_F", state="factors"),
+    "flexlora": StrategySpec(flexlora, "exact merge weighted by n_i, best rank-r per tier", state="exact"),
     "flora": StrategySpec(flora, "stacked factors folded into the base each round",
                           device_blocker="FLoRA folds each round into the frozen base weights, which a device "
                                          "cannot change"),
-    "ffa-lora": StrategySpec(ffa_lora, "A frozen and shared, B averaged", frozen_a=True),
+    "ffa-lora": StrategySpec(ffa_lora, "A frozen and shared, B averaged", frozen_a=True, state="factors"),
 }
 DEFAULT_STRATEGY = "svd-weighted"
 

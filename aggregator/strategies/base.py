@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -32,6 +33,9 @@ class ClientUpdate:
     rank: int
     num_samples: int
     factors: Mapping[str, Factors]
+    sent: Mapping[str, Factors] | None = None
+    """The factors the client started from (the server's global at its tier) when the server holds the
+    global state: the strategy then merges the client's update s·B·A − s·B⁰·A⁰, not its adapter."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class StrategySpec:
     """Needs every device to hold the same frozen A (`fedpeft-export --freeze-lora-a`); such a bundle suits it only."""
     device_blocker: str | None = None
     """Why devices cannot run it over the protocol (None: they can); its merge function is still callable."""
+    state: Literal["exact", "factors"] | None = None
+    """The form of the global it keeps when the server holds the state and steps it with a server optimizer
+    (`aggregator.server_state`): ΔW_g itself, or top-rank factors; None: it cannot."""
 
     def __call__(self, updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
                  **options: object) -> MergeResult:

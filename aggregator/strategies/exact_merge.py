@@ -29,13 +29,14 @@ def merge_exact(
     """Validate, weight and merge; each tier gets the best rank-r factors of ΔW_g."""
     accepted, rejected, n = accepted_or_raise(updates, layers, ranks, order=lambda u: u.rank)
     client_ranks = np.array([u.rank for u in accepted])
+    widths = client_ranks * (2 if accepted[0].sent is not None else 1)
     global_state: dict[str, SvdFactors] = {}
     weights: dict[str, dict[str, float]] = {}
     for group in _shape_groups(layers).values():
         pt, q = _stacked(accepted, group)
         scales = np.array([layers[group[0]].scaling(int(r)) for r in client_ranks])
-        w = weight_fn(n, _norms(pt, q, client_ranks, scales))
-        pt *= np.repeat(w * scales, client_ranks, axis=1)[:, :, None].astype(pt.dtype)
+        w = weight_fn(n, _norms(pt, q, widths, scales))
+        pt *= np.repeat(w * scales, widths, axis=1)[:, :, None].astype(pt.dtype)
         for name, row, factors in zip(group, w, svd_of_product(np.swapaxes(pt, 1, 2), q, global_rank)):
             global_state[name] = factors
             weights[name] = {u.client_id: float(x) for u, x in zip(accepted, row)}
@@ -58,26 +59,37 @@ def normalized(values: np.ndarray, fallback: np.ndarray) -> np.ndarray:
 def _stacked(accepted: Sequence[ClientUpdate], group: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Pᵀ = [B_1ᵀ; …; B_Nᵀ] (L, R, out) and Q = [A_1; …; A_N] (L, R, in) for the layers of one shape group.
 
-    P is kept transposed so that each client's B_iᵀ is a contiguous block of rows, like its A_i.
+    P is kept transposed so that each client's B_iᵀ is a contiguous block of rows, like its A_i. A
+    client with `sent` factors (A⁰, B⁰) contributes its update as [B_i, −B⁰]·[A_i; A⁰], 2·r_i rows.
     """
     dtype = np.result_type(*(u.factors[group[0]][0].dtype for u in accepted))
     a0, b0 = accepted[0].factors[group[0]]
-    total = sum(u.rank for u in accepted)
+    total = sum(u.rank * (1 if u.sent is None else 2) for u in accepted)
     pt = np.empty((len(group), total, b0.shape[0]), dtype=dtype)
     q = np.empty((len(group), total, a0.shape[1]), dtype=dtype)
     for index, name in enumerate(group):
-        np.concatenate([u.factors[name][1].T for u in accepted], axis=0, out=pt[index], casting="same_kind")
-        np.concatenate([u.factors[name][0] for u in accepted], axis=0, out=q[index], casting="same_kind")
+        pairs = [pair for u in accepted for pair in _blocks(u, name)]
+        np.concatenate([b.T for b, _ in pairs], axis=0, out=pt[index], casting="same_kind")
+        np.concatenate([a for _, a in pairs], axis=0, out=q[index], casting="same_kind")
     return pt, q
 
 
-def _norms(pt: np.ndarray, q: np.ndarray, client_ranks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """‖s_i B_i A_i‖_F per (layer, client) from the unweighted stacks; clients come sorted by rank, so
-    each rank (one scaling s_r) is one batched product_norms over a contiguous block of rows."""
+def _blocks(update: ClientUpdate, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(B, A) pairs whose scaled products sum to what `update` contributes to layer `name`."""
+    a, b = update.factors[name]
+    if update.sent is None:
+        return [(b, a)]
+    a0, b0 = update.sent[name]
+    return [(b, a), (-b0, a0)]
+
+
+def _norms(pt: np.ndarray, q: np.ndarray, widths: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """‖s_i B_i A_i‖_F (or of the update) per (layer, client) from the unweighted stacks; clients come sorted
+    by rank, so each width (one scaling s_r) is one batched product_norms over a contiguous block of rows."""
     layers = pt.shape[0]
-    norms = np.empty((layers, len(client_ranks)))
+    norms = np.empty((layers, len(widths)))
     first = row = 0
-    for rank, run in groupby(client_ranks.tolist()):
+    for rank, run in groupby(widths.tolist()):
         count = len(list(run))
         rows = slice(row, row + count * rank)
         bt = pt[:, rows].reshape(layers, count, rank, pt.shape[2])

@@ -37,7 +37,7 @@ def ffa_lora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], r
     for name, spec in layers.items():
         b_g = np.zeros((spec.out_features, top))
         for wi, u in zip(w, kept):
-            b_g[:, : u.rank] += wi * u.factors[name][1]
+            b_g[:, : u.rank] += wi * (u.factors[name][1] - (u.sent[name][1] if u.sent is not None else 0.0))
         a = shared[name]
         for r in tiers:
             a_r = np.zeros((r, spec.in_features), dtype=a.dtype)

@@ -36,6 +36,9 @@ def rejection_reason(update: ClientUpdate, layers: Mapping[str, LayerSpec], rank
             )
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             return f"{name}: factors contain NaN or Inf"
+        if update.sent is not None and (name not in update.sent or update.sent[name][0].shape != a.shape
+                                         or update.sent[name][1].shape != b.shape):
+            return f"{name}: the factors the client was sent do not match its rank"
     return None
 
 

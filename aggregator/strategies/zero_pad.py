@@ -20,7 +20,10 @@ PadWeightFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 def merge_padded(
     updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int], weight_fn: PadWeightFn
 ) -> MergeResult:
-    """Per layer: A_g = Σ w_i pad(A_i), B_g = Σ w_i pad(B_i); tier r gets A_g[:r], B_g[:, :r]."""
+    """Per layer: A_g = Σ w_i pad(A_i), B_g = Σ w_i pad(B_i); tier r gets A_g[:r], B_g[:, :r].
+
+    With `sent` factors the pads hold the updates A_i − A⁰, B_i − B⁰ instead (weights unchanged).
+    """
     accepted, rejected, n = accepted_or_raise(updates, layers, ranks)
     top = max(ranks)
     tiers: dict[int, dict] = {r: {} for r in sorted(set(ranks))}
@@ -31,8 +34,9 @@ def merge_padded(
         b_pad = np.zeros((len(accepted), spec.out_features, top))
         for i, u in enumerate(accepted):
             a, b = u.factors[name]
-            a_pad[i, : u.rank] = a
-            b_pad[i, :, : u.rank] = b
+            a0, b0 = u.sent[name] if u.sent is not None else (0.0, 0.0)
+            a_pad[i, : u.rank] = a - a0
+            b_pad[i, :, : u.rank] = b - b0
         norms = np.array([product_norms(1.0, b[None], a[None])[0] for a, b in (u.factors[name] for u in accepted)])
         w = weight_fn(n, norms)
         a_g = np.tensordot(w, a_pad, axes=1)

@@ -1,0 +1,183 @@
+"""The server's own global adapter and its optimizer (FedOpt: Reddi et al., arXiv 2003.00295).
+
+With a server optimizer the aggregator holds the global adapter itself and steps it with the
+round's pseudo-gradient: the weighted sum of what each client changed, δ_i = s_i B_i A_i − what it
+was sent. A low tier then never re-injects its truncation error (the merge without server state
+replaces the global by Σ w_i s_i B_i A_i, and every term carries T_{r_i}(ΔW_g)).
+
+Two forms, as the strategy declares:
+- "exact" (svd-weighted, flexlora): ΔW_g per layer, dense (out × in; 1.8M values for MiniLM's
+  query/value). Tier r gets its best rank-r approximation as B = U_r Σ_r / s_r, A = V_rᵀ: A's rows
+  are unit vectors, so no received direction is a dead saddle (a symmetric √Σ split gives a
+  near-zero direction near-zero A and B, and neither gets a gradient); directions ΔW_g does not
+  have yet are filled from the bundle's initial A, orthogonalized, with B = 0, as LoRA starts.
+- "factors" (fedavg-naive, hetlora, ffa-lora): A_g (R × in) and B_g (out × R) at the top tier R;
+  tier r gets the first r rows of A_g and columns of B_g.
+The head, when shared, is one more tensor. Everything is float32 on disk and in memory, the step
+runs in float64, so a resumed aggregator continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from safetensors.numpy import load, load_file, save
+
+from aggregator.strategies.base import LayerSpec, SvdFactors
+from aggregator.strategies.linalg import numpy_backend, svd_by_gram
+from edge_sdk.protocol import Adapter, Manifest
+from edge_sdk.protocol.adapter import adapter_from_parameters
+
+StateForm = Literal["exact", "factors"]
+OptimizerName = Literal["sgd", "adam", "yogi"]
+HEAD = "head::"
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """The server's step on the pseudo-gradient g (per tensor entry).
+
+    sgd: m ← β1·m + g, θ ← θ + lr·m (β1 = 0: FedAvg with a server learning rate; > 0: FedAvgM).
+    adam / yogi: first and second moments with bias correction, θ ← θ + lr·m̂ / (√v̂ + eps); yogi
+    moves v by sign(g² − v) (Zaheer et al. 2018). `head_lr` steps the head (default `lr`).
+    """
+
+    name: OptimizerName = "adam"
+    lr: float = 1e-3
+    head_lr: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        values = (self.lr, self.head_lr if self.head_lr is not None else self.lr, self.beta1, self.beta2, self.eps)
+        if not all(math.isfinite(v) for v in values) or min(self.lr, values[1], self.eps) <= 0:
+            raise ValueError("The server optimizer needs finite, positive lr, head_lr and eps.")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("The server optimizer's beta1 and beta2 must lie in [0, 1).")
+
+
+@dataclass
+class ServerState:
+    """The global adapter (`params`: "<layer>::W", or "<layer>::A"/"::B", and "head::<name>") and the
+    optimizer's moments (`moments`: "m::<key>", "v::<key>") after `step` server steps."""
+
+    form: StateForm
+    step: int
+    params: dict[str, np.ndarray]
+    moments: dict[str, np.ndarray]
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"param::{k}": v for k, v in self.params.items()} | self.moments
+        return save({**tensors, "step": np.array([self.step], dtype=np.int64)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, form: StateForm) -> ServerState:
+        tensors = load(data)
+        params = {k[len("param::"):]: v for k, v in tensors.items() if k.startswith("param::")}
+        moments = {k: v for k, v in tensors.items() if k.startswith(("m::", "v::"))}
+        return cls(form, int(tensors["step"][0]), params, moments)
+
+
+def initial_adapter(bundle: Path, manifest: Manifest, rank: int, with_head: bool) -> Adapter:
+    """The bundle's initial adapter of tier `rank` (what a device starts from without a global)."""
+    tier = manifest.tier(rank)
+    values = load_file(str(Path(bundle) / tier.dir / tier.trainable_init))
+    return adapter_from_parameters(manifest, rank, values, with_head=with_head)
+
+
+def initial_state(start: Adapter, layers: Mapping[str, LayerSpec], form: StateForm) -> ServerState:
+    """The state every tier starts from: `start` (the top tier's initial adapter) as ΔW_g or as factors."""
+    params: dict[str, np.ndarray] = {}
+    for name, (a, b) in start.lora.items():
+        if form == "exact":
+            params[f"{name}::W"] = (layers[name].scaling(start.rank) * (b.astype(np.float64) @ a)).astype(np.float32)
+        else:
+            params[f"{name}::A"], params[f"{name}::B"] = a.astype(np.float32), b.astype(np.float32)
+    params.update({HEAD + k: v.astype(np.float32) for k, v in start.head.items()})
+    return ServerState(form, 0, params, {})
+
+
+def step(state: ServerState, grads: Mapping[str, np.ndarray], optimizer: ServerOptimizer) -> ServerState:
+    """One server step with the pseudo-gradient `grads` (same keys as `state.params`)."""
+    t = state.step + 1
+    params, moments = dict(state.params), dict(state.moments)
+    for key, g in grads.items():
+        g = g.astype(np.float64)
+        lr = optimizer.head_lr if key.startswith(HEAD) and optimizer.head_lr is not None else optimizer.lr
+        m = optimizer.beta1 * moments.get(f"m::{key}", 0.0) + (1.0 if optimizer.name == "sgd" else 1 - optimizer.beta1) * g
+        if optimizer.name == "sgd":
+            delta = lr * m
+        else:
+            v_old = moments.get(f"v::{key}", np.zeros_like(g))
+            if optimizer.name == "adam":
+                v = optimizer.beta2 * v_old + (1 - optimizer.beta2) * g * g
+            else:
+                v = v_old - (1 - optimizer.beta2) * g * g * np.sign(v_old - g * g)
+            moments[f"v::{key}"] = v.astype(np.float32)
+            m_hat = m / (1 - optimizer.beta1**t)
+            v_hat = np.maximum(moments[f"v::{key}"].astype(np.float64), 0.0) / (1 - optimizer.beta2**t)
+            delta = lr * m_hat / (np.sqrt(v_hat) + optimizer.eps)
+        moments[f"m::{key}"] = np.asarray(m, dtype=np.float32)
+        params[key] = (params[key].astype(np.float64) + delta).astype(np.float32)
+    return ServerState(state.form, t, params, moments)
+
+
+def tier_adapters(state: ServerState, layers: Mapping[str, LayerSpec], ranks: list[int],
+                  filler: Mapping[str, np.ndarray]) -> tuple[dict[int, Adapter], dict[str, SvdFactors]]:
+    """Each tier's adapter from the state, and the SVD of every layer's ΔW_g (kept with the round).
+
+    `filler`: layer → rows (≥ the top rank, × in) that seed the directions ΔW_g does not have yet.
+    """
+    head = {k[len(HEAD):]: v for k, v in state.params.items() if k.startswith(HEAD)}
+    svds = _svds(state, layers)
+    tiers = {}
+    for rank in sorted(set(ranks)):
+        lora = {}
+        for name, spec in layers.items():
+            if state.form == "exact":
+                lora[name] = _exact_tier(svds[name], rank, spec.scaling(rank), filler[name])
+            else:
+                lora[name] = (state.params[f"{name}::A"][:rank].copy(), state.params[f"{name}::B"][:, :rank].copy())
+        tiers[rank] = Adapter(rank=rank, lora=lora, head=dict(head))
+    return tiers, svds
+
+
+def _svds(state: ServerState, layers: Mapping[str, LayerSpec]) -> dict[str, SvdFactors]:
+    """SVD of each layer's ΔW_g, batched over layers of one shape."""
+    xp = numpy_backend().xp
+    dense = {}
+    for name, spec in layers.items():
+        if state.form == "exact":
+            dense[name] = state.params[f"{name}::W"].astype(np.float64)
+        else:
+            a, b = state.params[f"{name}::A"], state.params[f"{name}::B"]
+            dense[name] = spec.scaling(a.shape[0]) * (b.astype(np.float64) @ a)
+    out: dict[str, SvdFactors] = {}
+    for shape in sorted({w.shape for w in dense.values()}):
+        names = [n for n, w in dense.items() if w.shape == shape]
+        u, s, v = svd_by_gram(np.stack([dense[n] for n in names]), xp)
+        out.update({n: SvdFactors(u[i], s[i], v[i]) for i, n in enumerate(names)})
+    return out
+
+
+def _exact_tier(svd: SvdFactors, rank: int, scaling: float, filler: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """B = U_k Σ_k / s, A = V_kᵀ for the k ≤ rank directions ΔW_g has; the rest of A from `filler`
+    made orthonormal to them, with B = 0 there."""
+    tolerance = max(float(svd.s[0]) if svd.s.size else 0.0, 1e-30) * 1e-6
+    k = int(min(rank, np.sum(svd.s > tolerance)))
+    a = np.empty((rank, svd.v.shape[0]))
+    b = np.zeros((svd.u.shape[0], rank))
+    a[:k] = svd.v[:, :k].T
+    b[:, :k] = svd.u[:, :k] * (svd.s[:k] / scaling)
+    if k < rank:
+        seeds = filler[: rank - k].astype(np.float64)
+        seeds = seeds - (seeds @ svd.v[:, :k]) @ svd.v[:, :k].T
+        q, _ = np.linalg.qr(seeds.T)
+        a[k:] = q.T
+    return a.astype(np.float32), b.astype(np.float32)
