@@ -1,17 +1,28 @@
-"""`--broker embedded`: an in-process MQTT 3.1.1 broker (amqtt) so a demo needs no broker set-up.
+"""Local MQTT brokers: `--broker embedded` (amqtt, in process, so a demo needs no set-up) and a mosquitto
+process on loopback (the simulator's default where mosquitto is installed, and the tests').
 
-For production and the tests use mosquitto (examples/mosquitto/): it is several times faster
-on fan-in, persists sessions across restarts, and enforces TLS, passwords and ACLs.
+For production use mosquitto with TLS, passwords and ACLs (examples/mosquitto/): it is several
+times faster on fan-in than amqtt, persists sessions across restarts, and runs outside the
+aggregator's process. amqtt shares the simulator's process and GIL and, under load, loses
+messages ("messages not broadcasted") and connections, so it is the fallback only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import signal
 import socket
+import subprocess
 import threading
+import time
+from pathlib import Path
 
 from edge_sdk.protocol.transport import BrokerSettings
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 class EmbeddedBroker:
@@ -64,3 +75,64 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+class Mosquitto:
+    """One mosquitto process on 127.0.0.1 with QoS 1 queues raised (its default 1000 silently drops)."""
+
+    def __init__(self, folder: Path, config: str | None = None, port: int | None = None) -> None:
+        """`config` replaces the generated settings (the port is then the caller's business)."""
+        self.folder, self.port = folder, port or free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.config = folder / "mosquitto.conf"
+        self.config.write_text(user + (config or (
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            "max_queued_messages 100000\nmax_queued_bytes 0\nmax_inflight_messages 100\n"
+            "set_tcp_nodelay true\npersistence true\n"
+            f"persistence_location {folder}/\nlog_dest file {folder}/mosquitto.log\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def settings(self) -> BrokerSettings:
+        return BrokerSettings(host="127.0.0.1", port=self.port)
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        if not Path(MOSQUITTO).exists():
+            raise RuntimeError("mosquitto is not installed: apt-get install mosquitto (scripts/system-packages.sh does).")
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout} s.")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM saves the persistence database (sessions, queued and retained messages)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+        self.process = None
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+
+def local_broker(folder: Path) -> Mosquitto | EmbeddedBroker:
+    """A broker on loopback for one process's federation: mosquitto where installed, else the embedded amqtt."""
+    return Mosquitto(folder) if Path(MOSQUITTO).exists() else EmbeddedBroker()

@@ -37,7 +37,7 @@ from edge_sdk.protocol import (  # noqa: E402
 from edge_sdk.protocol.adapter import Adapter  # noqa: E402
 from edge_sdk.protocol.manifest import read_manifest  # noqa: E402
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection  # noqa: E402
-from tests.brokers import Mosquitto  # noqa: E402
+from aggregator.broker import Mosquitto  # noqa: E402
 
 
 def random_adapter(manifest, rank: int, rng: np.random.Generator) -> Adapter:

@@ -118,16 +118,18 @@ def main(verbose: bool) -> None:
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Central test examples scored per round (the whole split after the last).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Score the global on the central subset every this many rounds (and after the last).")
 @click.option("--local-eval-every", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training examples.")
-@click.option("--broker", default=None, help="mqtt://host:port of a running broker [default: embedded].")
+@click.option("--broker", default=None, help="mqtt://host:port of a running broker [default: a mosquitto on loopback, amqtt without it].")
 @click.option("--plot/--no-plot", default=True, show_default=True)
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
         seed: int, steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, server_opt: str,
         server_lr: float, server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
-        dtype: str, eval_samples: int, local_eval_every: int, pool_limit: int | None, broker: str | None,
-        plot: bool) -> None:
+        dtype: str, eval_samples: int, eval_every: int, local_eval_every: int, pool_limit: int | None,
+        broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
         bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
@@ -135,7 +137,8 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                                 proximal_mu=proximal_mu), dtype=dtype,
         server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
-        eval_samples=eval_samples, local_eval_every=local_eval_every, pool_limit=pool_limit, broker_url=broker,
+        eval_samples=eval_samples, eval_every=eval_every, local_eval_every=local_eval_every, pool_limit=pool_limit,
+        broker_url=broker,
     )
     try:
         summary = run_full_fedavg(config) if strategy == FULL_FEDAVG else run_simulation(config)

@@ -14,7 +14,8 @@ def accuracy_per_round(runs: dict[str, list[dict]], title: str, path: Path) -> P
     """Central accuracy vs round, one line per labelled run."""
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, rows in runs.items():
-        axes.plot([r["round"] for r in rows], [r["central_accuracy"] for r in rows], marker="o", ms=3, label=label)
+        scored = [r for r in rows if "central_accuracy" in r]
+        axes.plot([r["round"] for r in scored], [r["central_accuracy"] for r in scored], marker="o", ms=3, label=label)
     axes.set(xlabel="round", ylabel="central test accuracy", title=title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -25,11 +26,13 @@ def accuracy_per_byte(runs: dict[str, list[dict]], title: str, path: Path) -> Pa
     """Central accuracy vs cumulative uploaded bytes (log x), one line per labelled run."""
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, rows in runs.items():
-        sent, total = [], 0
+        sent, accuracy, total = [], [], 0
         for r in rows:
             total += r["bytes_up"]
-            sent.append(total)
-        axes.plot(sent, [r["central_accuracy"] for r in rows], marker="o", ms=3, label=label)
+            if "central_accuracy" in r:
+                sent.append(total)
+                accuracy.append(r["central_accuracy"])
+        axes.plot(sent, accuracy, marker="o", ms=3, label=label)
     axes.set(xscale="log", xlabel="cumulative upload bytes (all clients)", ylabel="central test accuracy", title=title)
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)

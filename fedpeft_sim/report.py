@@ -289,7 +289,7 @@ def _preamble(plan: Plan, results: dict, ceiling: dict, invocation: str, planned
         "picks its rank with the announced formula (equal λ's; M_max 4 GiB, C_max 3 steps/s, D_max the mean "
         "local size), then snaps to a tier of {2, 4, 8, 16}.",
         "- Everything runs for real: the aggregator service, the SDK clients, onnxruntime-training, the "
-        "strategies, and the MQTT protocol over the embedded broker. Bytes are the encoded payloads the "
+        "strategies, and the MQTT protocol over a local mosquitto (amqtt where it is missing). Bytes are the encoded payloads the "
         "aggregator accepted; '% of full FedAvg' compares them with what the same participants would upload "
         "in full-model FedAvg (22.7M float32 parameters each per round).",
         "- Scaled down from the proposal (compute budget of ~2 h on 2 cores): "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.broker import EmbeddedBroker
+from aggregator.broker import local_broker
 from aggregator.records import RoundRecord
 from aggregator.server_state import ServerOptimizer
 from aggregator.service import Aggregator, AggregatorOptions
@@ -44,6 +44,8 @@ log = logging.getLogger("fedpeft.sim")
 # much slower) × the power of one busy core of such a device. Assumed figures, not measurements:
 # a Cortex-A53/A55 phone efficiency core ~1 W, a Cortex-A76-class core ~2 W, a laptop x86 core ~6 W.
 CORE_WATTS = {"low": 1.0, "mid": 2.0, "high": 6.0}
+TARGET_ACCURACY = 0.75
+"""The summary reports the first round (and the upload bytes until then) at which the global reaches this."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class SimConfig:
     round_timeout: float = 900.0
     data: str = "rotten-tomatoes"
     server_optimizer: ServerOptimizer | None = None
+    eval_every: int = 1
+    """Score the global on the central subset every this many rounds (and after the last)."""
 
 
 DATA_SETS = ("rotten-tomatoes", "fashion-mnist-5-9")
@@ -162,18 +166,20 @@ class Evaluator:
     def __call__(self, record: RoundRecord) -> None:
         round_number = record.round
         last = round_number == self.config.rounds
+        local = last or round_number % self.config.local_eval_every == 0
+        row = {"round": round_number, "strategy": self.config.strategy, **_traffic(record), **self._clients(record)}
+        if not (last or local or round_number % self.config.eval_every == 0):
+            self._append(row)
+            return
         globals_ = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number).items()}
         top = max(globals_)
         started = time.perf_counter()
         with self.pool.lease(top) as trainer:
             trainer.load_state(None, globals_[top])
             central = trainer.evaluate(self.final if last else self.central)
-        row = {
-            "round": round_number, "strategy": self.config.strategy, "central_accuracy": central.accuracy,
-            "central_macro_f1": central.macro_f1, "central_roc_auc": central.roc_auc,
-            "central_samples": central.samples, "eval_rank": top, **_traffic(record), **self._clients(record),
-        }
-        if last or round_number % self.config.local_eval_every == 0:
+        row.update({"central_accuracy": central.accuracy, "central_macro_f1": central.macro_f1,
+                    "central_roc_auc": central.roc_auc, "central_samples": central.samples, "eval_rank": top})
+        if local:
             row.update(self._local(globals_))
         row["eval_seconds"] = round(time.perf_counter() - started, 3)
         self._append(row)
@@ -260,7 +266,7 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     pool = pool or TrainerPool(config.bundle)
     evaluator = Evaluator(config, pool, central, central_test, clients, config.out / "metrics.jsonl")
     evaluator.baseline()
-    broker = None if config.broker_url else EmbeddedBroker().start()
+    broker = None if config.broker_url else local_broker(config.out / "broker").start()
     settings = broker.settings if broker else BrokerSettings.from_url(config.broker_url)
     federation = f"sim{config.seed}-{zlib.crc32(str(config.out).encode()):08x}"
     options = AggregatorOptions(
@@ -327,6 +333,9 @@ def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], sec
     upload in full-model FedAvg; the total ratio adds the downloads on both sides.
     """
     last, rounds = rows[-1], [r for r in rows if r["round"] > 0]
+    scored = [r for r in rounds if "central_accuracy" in r]
+    reached = [r for r in scored if r["central_accuracy"] >= TARGET_ACCURACY]
+    tail = np.array([r["central_accuracy"] for r in scored[-10:]])
     by_tier = last["local_accuracy_by_tier"]
     up = sum(r["bytes_up"] for r in rows)
     full, full_up = sum(r["full_fedavg_bytes"] for r in rows), sum(r["full_fedavg_bytes_up"] for r in rows)
@@ -335,7 +344,12 @@ def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], sec
         "config": config_record(config),
         "rounds": len(rounds), "initial_accuracy": rows[0]["central_accuracy"] if rows[0]["round"] == 0 else None,
         "final_accuracy": last["central_accuracy"], "final_macro_f1": last["central_macro_f1"],
-        "accuracy_last3": float(np.mean([r["central_accuracy"] for r in rounds[-3:]])),
+        "accuracy_last3": float(np.mean([r["central_accuracy"] for r in scored[-3:]])),
+        "accuracy_last10_mean": float(tail.mean()), "accuracy_last10_spread": float(tail.max() - tail.min()),
+        "final_roc_auc": last.get("central_roc_auc"),
+        f"rounds_to_{TARGET_ACCURACY}": reached[0]["round"] if reached else None,
+        f"bytes_up_to_{TARGET_ACCURACY}": sum(r["bytes_up"] for r in rows if r["round"] <= reached[0]["round"])
+        if reached else None,
         "worst_client_accuracy": last["local_accuracy_worst"], "local_accuracy_mean": last["local_accuracy_mean"],
         "low_high_ratio": by_tier["low"] / by_tier["high"] if by_tier.get("low") and by_tier.get("high") else None,
         "central_accuracy_by_rank": last["central_accuracy_by_rank"], "local_accuracy_by_tier": by_tier,

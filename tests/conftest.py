@@ -51,7 +51,7 @@ def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def mosquitto(tmp_path: Path):
     """A real mosquitto broker on a free loopback port, stopped after the test."""
-    from tests.brokers import Mosquitto
+    from aggregator.broker import Mosquitto
 
     broker = Mosquitto(tmp_path / "mosquitto").start()
     yield broker

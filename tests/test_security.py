@@ -10,7 +10,7 @@ import pytest
 
 from edge_sdk.protocol import AdapterHeader, encode_adapter
 from edge_sdk.protocol.transport import BrokerSettings, BrokerUnavailableError, MqttConnection
-from tests.brokers import Mosquitto, free_port
+from aggregator.broker import Mosquitto, free_port
 from tests.conftest import ROOT
 from tests.federation import ReplayClient, aggregator_thread
 
