@@ -29,13 +29,15 @@ import numpy as np
 from safetensors.numpy import load, load_file, save
 
 from aggregator.strategies.base import LayerSpec, SvdFactors
-from aggregator.strategies.linalg import numpy_backend, svd_by_gram
+from aggregator.strategies.linalg import default_backend, svd_by_gram, svd_of_product
 from edge_sdk.protocol import Adapter, Manifest
 from edge_sdk.protocol.adapter import adapter_from_parameters
 
 StateForm = Literal["exact", "factors"]
 OptimizerName = Literal["sgd", "adam", "yogi"]
 HEAD = "head::"
+KEPT_COMPONENTS = 64
+"""Singular triplets of a dense ΔW_g kept with each round (tiers use at most the top tier's rank)."""
 
 
 @dataclass(frozen=True)
@@ -149,20 +151,22 @@ def tier_adapters(state: ServerState, layers: Mapping[str, LayerSpec], ranks: li
 
 
 def _svds(state: ServerState, layers: Mapping[str, LayerSpec]) -> dict[str, SvdFactors]:
-    """SVD of each layer's ΔW_g, batched over layers of one shape."""
-    xp = numpy_backend().xp
-    dense = {}
-    for name, spec in layers.items():
-        if state.form == "exact":
-            dense[name] = state.params[f"{name}::W"].astype(np.float64)
-        else:
-            a, b = state.params[f"{name}::A"], state.params[f"{name}::B"]
-            dense[name] = spec.scaling(a.shape[0]) * (b.astype(np.float64) @ a)
+    """SVD of each layer's ΔW_g, batched over layers of one shape: from the factors without forming ΔW_g,
+    or of the dense ΔW_g through its Gram matrix, on the merge's backend."""
     out: dict[str, SvdFactors] = {}
-    for shape in sorted({w.shape for w in dense.values()}):
-        names = [n for n, w in dense.items() if w.shape == shape]
-        u, s, v = svd_by_gram(np.stack([dense[n] for n in names]), xp)
-        out.update({n: SvdFactors(u[i], s[i], v[i]) for i, n in enumerate(names)})
+    for shape in sorted({(spec.out_features, spec.in_features) for spec in layers.values()}):
+        names = [n for n, spec in layers.items() if (spec.out_features, spec.in_features) == shape]
+        if state.form == "factors":
+            rank = state.params[f"{names[0]}::A"].shape[0]
+            p = np.stack([layers[n].scaling(rank) * state.params[f"{n}::B"].astype(np.float64) for n in names])
+            q = np.stack([state.params[f"{n}::A"].astype(np.float64) for n in names])
+            out.update(zip(names, svd_of_product(p, q)))
+            continue
+        backend = default_backend()
+        dense = backend.asarray(np.stack([state.params[f"{n}::W"].astype(np.float64) for n in names]))
+        u, s, v = (backend.numpy(x) for x in svd_by_gram(dense, backend.xp))
+        keep = min(KEPT_COMPONENTS, s.shape[1])
+        out.update({n: SvdFactors(u[i, :, :keep], s[i, :keep], v[i, :, :keep]) for i, n in enumerate(names)})
     return out
 
 

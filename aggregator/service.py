@@ -247,6 +247,8 @@ class Aggregator:
         self.store.save_metrics(record.round, record.to_dict())
         self.state.round, self.state.task = record.round + 1, None
         self.store.save(self.state)
+        if self.options.server_optimizer is not None:
+            self.store.drop_server_state(record.round - 1)
         self._round = None
         self.connection.publish(self.topics.task, b"", retain=True)
         record.close_seconds = round(time.monotonic() - closing, 4)

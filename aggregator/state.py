@@ -111,6 +111,10 @@ class StateDir:
     def save_server_state(self, round_number: int, state: ServerState) -> None:
         write_atomic(self.round_dir(round_number) / SERVER_STATE_FILE, state.to_bytes())
 
+    def drop_server_state(self, round_number: int) -> None:
+        """Remove a round's server state once a later one is saved and the state file points past it."""
+        (self.round_dir(round_number) / SERVER_STATE_FILE).unlink(missing_ok=True)
+
     def server_state(self, round_number: int, form: StateForm) -> ServerState | None:
         """The server's global adapter and optimizer moments after `round_number` (0: the start), if saved."""
         path = self.round_dir(round_number) / SERVER_STATE_FILE
