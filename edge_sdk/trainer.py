@@ -136,6 +136,7 @@ class Trainer:
             )
         self.encoder = encoder_for(self.bundle, self.manifest)
         self.optimizer: Optimizer = self.opened.new_optimizer()
+        self._initial = self.opened.adapter_parameters()
 
     @property
     def rank(self) -> int:
@@ -244,10 +245,12 @@ class Trainer:
         self.load_state(self.opened.adapter_parameters(), adapter)
 
     def load_state(self, parameters: Mapping[str, np.ndarray] | None = None, adapter: Adapter | None = None) -> None:
-        """Reopen with a fresh optimizer from `parameters` (default: the bundle's initial values), `adapter` on top.
+        """A fresh optimizer over `parameters` (default: the bundle's initial values), `adapter` on top.
 
         This is how one opened tier serves many simulated devices in turn: each brings its own
         trainable state (from `state()`), so nothing leaks from the device that trained before.
+        AdamW keeps its moments in the session, so the tier is reopened; plain SGD has no state, so
+        the values are written into the open session (no reopen: ~0.3 s less per call on MiniLM).
         """
         values = dict(parameters) if parameters is not None else {}
         if adapter is not None:
@@ -259,7 +262,10 @@ class Trainer:
                 for pair in self.opened.tier.lora_pairs:
                     received.pop(pair.a)
             values.update(received)
-        self._reopen(values)
+        if self.manifest.lora.optimizer == "sgd":
+            self._write({**self._initial, **values})
+        else:
+            self._reopen(values)
 
     def state(self) -> dict[str, np.ndarray]:
         """A copy of every trainable parameter (LoRA factors and head), to restore with `load_state`."""
@@ -274,10 +280,13 @@ class Trainer:
         del self.optimizer, self.opened
         gc.collect()
         self.opened = open_tier(self.bundle, rank, device=self.device, threads=self.threads, verify=False)
+        self._write(trainable)
+        self.optimizer = self.opened.new_optimizer()
+
+    def _write(self, trainable: Mapping[str, np.ndarray]) -> None:
         for name, param in self.opened.state.parameters:
             if name in trainable:
                 param.data = np.ascontiguousarray(trainable[name], dtype=np.float32)
-        self.optimizer = self.opened.new_optimizer()
 
     def _inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [feeds[spec.name] for spec in self.manifest.inputs]

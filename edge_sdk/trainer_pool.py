@@ -1,13 +1,16 @@
-"""Opened tiers shared by the devices of one process, one device training at a time.
+"""Opened tiers shared by the devices of one process, as many training at once as the host has cores for.
 
 A phone runs one `FederatedClient` with its own pool of one. A simulation runs a hundred clients
 in one process: opening a tier per client would hold a hundred sessions, so they share one per
-(rank, threads) and bring their own trainable state to it (`Trainer.load_state`). The lock also
-keeps the host's cores to one device at a time, so measured training times stay per device.
+(rank, threads) and bring their own trainable state to it (`Trainer.load_state`). A lease takes
+its trainer's threads out of the host's cores until it ends, so two one-thread devices train side
+by side on two cores while a device with every core trains alone: each device's measured training
+time stays that of its own threads.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,18 +20,31 @@ from edge_sdk.trainer import HeadMode, Trainer
 
 
 class TrainerPool:
-    """Lends an opened `Trainer` per (rank, threads); `lease` blocks while another device trains."""
+    """Lends an opened `Trainer` per (rank, threads); `lease` blocks while that trainer or the cores are busy."""
 
-    def __init__(self, bundle: str | Path, *, device: str = "cpu", head: HeadMode = "shared") -> None:
+    def __init__(self, bundle: str | Path, *, device: str = "cpu", head: HeadMode = "shared",
+                 cores: int | None = None) -> None:
         self.bundle, self.device, self.head = Path(bundle), device, head
+        self.cores = cores or os.cpu_count() or 1
         self._trainers: dict[tuple[int, int | None], Trainer] = {}
-        self._lock = threading.RLock()
+        self._busy: set[tuple[int, int | None]] = set()
+        self._free = self.cores
+        self._changed = threading.Condition()
 
     @contextmanager
     def lease(self, rank: int, threads: int | None = None) -> Iterator[Trainer]:
-        """The trainer of tier `rank`, exclusively for the `with` block."""
-        with self._lock:
-            key = (rank, threads)
+        """The trainer of tier `rank` at `threads` (None: every core), exclusively for the `with` block."""
+        key, need = (rank, threads), min(threads or self.cores, self.cores)
+        with self._changed:
+            self._changed.wait_for(lambda: key not in self._busy and self._free >= need)
+            self._busy.add(key)
+            self._free -= need
+        try:
             if key not in self._trainers:
                 self._trainers[key] = Trainer(self.bundle, rank, device=self.device, threads=threads, head=self.head)
             yield self._trainers[key]
+        finally:
+            with self._changed:
+                self._busy.discard(key)
+                self._free += need
+                self._changed.notify_all()

@@ -56,3 +56,23 @@ def test_unknown_optimizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="choose one of adamw, sgd"):
         export_bundle(tmp_path / "b", ExportOptions(ranks=(2,), optimizer="lion"))
     assert not (tmp_path / "b").exists()
+
+
+def test_an_sgd_tier_serves_devices_in_turn_without_reopening_and_trains_as_a_fresh_one(sgd_bundle: Path) -> None:
+    from edge_sdk.trainer import Trainer
+
+    sentences = rotten_tomatoes()[:64]
+    shared = Trainer(sgd_bundle, 2, threads=1)
+    opened = shared.opened
+    shared.fit(sentences[:32], steps=3, batch_size=8, lr=LR, seed=1)
+    first_device = shared.state()
+    shared.load_state(None)
+    assert shared.opened is opened, "SGD keeps no optimizer state: the session stays open"
+    shared.fit(sentences[32:], steps=3, batch_size=8, lr=LR, seed=2)
+    fresh = Trainer(sgd_bundle, 2, threads=1)
+    fresh.fit(sentences[32:], steps=3, batch_size=8, lr=LR, seed=2)
+    for name, value in fresh.state().items():
+        np.testing.assert_array_equal(shared.state()[name], value)
+    shared.load_state(first_device)
+    for name, value in first_device.items():
+        np.testing.assert_array_equal(shared.state()[name], value)

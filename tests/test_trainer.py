@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,36 @@ def test_a_shared_trainer_serves_devices_in_turn_without_leaking_state(minilm_bu
         trainer.load_state(first_device)
         assert all(np.array_equal(trainer.state()[k], v) for k, v in first_device.items())
         assert max(np.abs(first_device[k] - initial[k]).max() for k in initial) > 1e-5
+
+
+def test_the_pool_lends_one_thread_tiers_side_by_side_and_a_whole_host_trainer_alone(minilm_bundle: Path) -> None:
+    pool = TrainerPool(minilm_bundle, cores=2)
+    inside: list[tuple[str, str]] = []
+    lock, both_in = threading.Lock(), threading.Barrier(2, timeout=60)
+
+    def device(rank: int, threads: int | None, name: str) -> None:
+        with pool.lease(rank, threads) as trainer:
+            with lock:
+                inside.append(("in", name))
+            if threads == 1:
+                both_in.wait()
+            trainer.evaluate(SENTENCES[:8])
+            with lock:
+                inside.append(("out", name))
+
+    one = [threading.Thread(target=device, args=(rank, 1, f"r{rank}")) for rank in (2, 8)]
+    for thread in one:
+        thread.start()
+    for thread in one:
+        thread.join(120)
+    assert not any(t.is_alive() for t in one), "two one-thread devices share two cores at once"
+    whole = [threading.Thread(target=device, args=(2, None, f"all{i}")) for i in range(2)]
+    for thread in whole:
+        thread.start()
+    for thread in whole:
+        thread.join(120)
+    events = inside[4:]
+    assert [kind for kind, _ in events] == ["in", "out", "in", "out"], "a trainer with every core trains alone"
 
 
 def test_set_adapter_resets_the_optimizer_moments(minilm_bundle: Path) -> None:
