@@ -21,19 +21,16 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from aggregator.records import RoundRecord
-from aggregator.round_merge import check_strategy, merge_round, merge_with_server
-from aggregator.server_state import ServerOptimizer, initial_adapter, initial_state, tier_adapters
-from aggregator.state import StateDir, StateError
-from aggregator.strategies import SvdFactors, get_strategy
-from aggregator.strategies.base import layer_specs_from_manifest
+from aggregator.global_model import AGGREGATOR_ID, GlobalModel
+from aggregator.round_merge import check_strategy
+from aggregator.server_state import ServerOptimizer
+from aggregator.state import StateDir
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
 from aggregator.traffic import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
-from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol import (
     DEFAULT_CHUNK_SIZE, AdapterHeader, ChunkError, ClientStatus, CodecError, DType, FederationConfig, GlobalAdapterRef,
     HeadMode, MessageError, Notice, Reassembler, RoundResult, RoundTask, Topics, TrainingConfig,
-    UnsupportedVersionError, decode_adapter, decode_message, encode_adapter, encode_message, max_payload_bytes,
-    split_payload,
+    UnsupportedVersionError, decode_adapter, decode_message, encode_message, max_payload_bytes, split_payload,
 )
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import bundle_id, read_manifest
@@ -41,7 +38,6 @@ from edge_sdk.protocol.ranking import RankPolicy
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
 
 log = logging.getLogger("fedpeft.aggregator")
-AGGREGATOR_ID = "aggregator"
 
 
 @dataclass(frozen=True)
@@ -108,10 +104,8 @@ class Aggregator:
         optimizer = options.server_optimizer
         self.state = self.store.load(options.federation, self.bundle_id, options.strategy,
                                      asdict(optimizer) if optimizer else None)
-        self._form = get_strategy(options.strategy).state
-        if optimizer is not None and self._form is None:
-            raise ValueError(f"Strategy '{options.strategy}' keeps no server state; run it without a server optimizer.")
-        self._filler: dict[str, np.ndarray] = {}
+        self.globals = GlobalModel(self.bundle, self.manifest, self.store, options.federation, options.strategy,
+                                   options.head, optimizer)
         self.max_update_bytes = max_payload_bytes(self.manifest)
         self.online: dict[str, ClientStatus] = {}
         self.records: list[RoundRecord] = []
@@ -140,8 +134,7 @@ class Aggregator:
         self.connection.start(connect_timeout)
         try:
             self.connection.publish_all([(self.topics.config, encode_message(self.config()), True)], 30)
-            if self.options.server_optimizer is not None:
-                self._start_server_state()
+            self.globals.start(self.state.round)
             while self.state.round <= self.options.rounds and not self._stop:
                 self._open_or_resume()
                 self._collect()
@@ -242,7 +235,7 @@ class Aggregator:
         current = self._round
         assert current is not None
         closing = time.monotonic()
-        payloads, merge_seconds = self._merge(current)
+        payloads, merge_seconds = self.globals.close(current.task.round, current.accepted)
         record = self._record(current, payloads, merge_seconds)
         self.store.save_metrics(record.round, record.to_dict())
         self.state.round, self.state.task = record.round + 1, None
@@ -256,59 +249,6 @@ class Aggregator:
         log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
                  record.round, len(record.participants), len(record.dropouts), record.rejected,
                  1000 * merge_seconds, record.bytes_in / 1e6, record.bytes_out / 1e6)
-
-    def _merge(self, current: _Round) -> tuple[dict[int, bytes], float]:
-        """Merge the accepted updates and save each tier's global payload, ΔW_g's factors, the server state
-        (with a server optimizer) and the peft folder."""
-        round_number = current.task.round
-        started = time.perf_counter()
-        optimizer, server_state = self.options.server_optimizer, None
-        if optimizer is None:
-            tiers, result = merge_round(self.options.strategy, current.accepted, self.manifest)
-        else:
-            assert self._form is not None
-            previous = self.store.server_state(round_number - 1, self._form)
-            if previous is None:
-                raise StateError(f"{self.store.root}: the server state of round {round_number - 1} is missing.")
-            sent = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number - 1).items()}
-            tiers, result, server_state = merge_with_server(self.options.strategy, current.accepted, sent, previous,
-                                                            optimizer, self.manifest, self._filler)
-        merge_seconds = time.perf_counter() - started
-        payloads = self._save_globals(round_number, tiers, result.global_state,
-                                      sum(h.num_samples for h, _ in current.accepted.values()))
-        if server_state is not None:
-            self.store.save_server_state(round_number, server_state)
-        write_peft_adapter(tiers[max(tiers)], self.manifest, self.store.peft_dir(round_number), self.bundle)
-        return payloads, merge_seconds
-
-    def _save_globals(self, round_number: int, tiers: dict[int, Adapter], global_state: dict[str, SvdFactors],
-                      samples: int) -> dict[int, bytes]:
-        payloads = {
-            rank: encode_adapter(adapter, AdapterHeader(
-                federation=self.options.federation, round=round_number, client_id=AGGREGATOR_ID, rank=rank,
-                num_samples=samples, dtype="float32"))
-            for rank, adapter in tiers.items()
-        }
-        factors = {f"{layer}::{part}": np.ascontiguousarray(getattr(f, part.lower()), dtype=np.float32)
-                   for layer, f in global_state.items() for part in ("U", "S", "V")}
-        self.store.save_globals(round_number, payloads, factors)
-        return payloads
-
-    def _start_server_state(self) -> None:
-        """Round 0 of a server-optimizer federation: the starting state and the globals devices begin from."""
-        assert self._form is not None
-        top = max(self.manifest.ranks)
-        with_head = self.options.head == "shared" and bool(self.manifest.head_parameters)
-        start = initial_adapter(self.bundle, self.manifest, top, with_head)
-        self._filler = {name: a for name, (a, _) in start.lora.items()}
-        if self.store.server_state(0, self._form) is not None:
-            return
-        if self.state.round > 1:
-            raise StateError(f"{self.store.root} was started without a server optimizer; use another --state-dir.")
-        state = initial_state(start, layer_specs_from_manifest(self.manifest), self._form)
-        tiers, svds = tier_adapters(state, layer_specs_from_manifest(self.manifest), self.manifest.ranks, self._filler)
-        self._save_globals(0, tiers, svds, 0)
-        self.store.save_server_state(0, state)
 
     def _announce(self, record: RoundRecord) -> None:
         """Keep the record, append it to the metrics file, publish the RoundResult, call `on_round`."""
