@@ -34,7 +34,7 @@ from edge_sdk.protocol import Adapter, Manifest
 from edge_sdk.protocol.adapter import adapter_from_parameters
 
 StateForm = Literal["exact", "factors"]
-OptimizerName = Literal["sgd", "adam", "yogi"]
+OptimizerName = Literal["sgd", "adam", "yogi", "adafactor"]
 HEAD = "head::"
 KEPT_COMPONENTS = 64
 """Singular triplets of a dense ΔW_g kept with each round (tiers use at most the top tier's rank)."""
@@ -45,8 +45,10 @@ class ServerOptimizer:
     """The server's step on the pseudo-gradient g (per tensor entry).
 
     sgd: m ← β1·m + g, θ ← θ + lr·m (β1 = 0: FedAvg with a server learning rate; > 0: FedAvgM).
-    adam / yogi: first and second moments with bias correction, θ ← θ + lr·m̂ / (√v̂ + eps); yogi
-    moves v by sign(g² − v) (Zaheer et al. 2018). `head_lr` steps the head (default `lr`).
+    adam / yogi / adafactor: first and second moments with bias correction, θ ← θ + lr·m̂ / (√v̂ + eps);
+    yogi moves v by sign(g² − v) (Zaheer et al. 2018); adafactor factors a matrix's v into row and
+    column means (Shazeer & Stern 2018), which keeps the step's rank that of m. `head_lr` steps the
+    head (default `lr`).
     """
 
     name: OptimizerName = "adam"
@@ -112,22 +114,39 @@ def step(state: ServerState, grads: Mapping[str, np.ndarray], optimizer: ServerO
     for key, g in grads.items():
         g = g.astype(np.float64)
         lr = optimizer.head_lr if key.startswith(HEAD) and optimizer.head_lr is not None else optimizer.lr
-        m = optimizer.beta1 * moments.get(f"m::{key}", 0.0) + (1.0 if optimizer.name == "sgd" else 1 - optimizer.beta1) * g
+        first = 1.0 if optimizer.name == "sgd" else 1 - optimizer.beta1
+        m = optimizer.beta1 * moments.get(f"m::{key}", 0.0) + first * g
+        moments[f"m::{key}"] = np.asarray(m, dtype=np.float32)
         if optimizer.name == "sgd":
             delta = lr * m
         else:
-            v_old = moments.get(f"v::{key}", np.zeros_like(g))
-            if optimizer.name == "adam":
-                v = optimizer.beta2 * v_old + (1 - optimizer.beta2) * g * g
-            else:
-                v = v_old - (1 - optimizer.beta2) * g * g * np.sign(v_old - g * g)
-            moments[f"v::{key}"] = v.astype(np.float32)
-            m_hat = m / (1 - optimizer.beta1**t)
-            v_hat = np.maximum(moments[f"v::{key}"].astype(np.float64), 0.0) / (1 - optimizer.beta2**t)
-            delta = lr * m_hat / (np.sqrt(v_hat) + optimizer.eps)
-        moments[f"m::{key}"] = np.asarray(m, dtype=np.float32)
+            scale = _second_moment(moments, key, g, optimizer) / (1 - optimizer.beta2**t)
+            delta = lr * (m / (1 - optimizer.beta1**t)) / (np.sqrt(scale) + optimizer.eps)
         params[key] = (params[key].astype(np.float64) + delta).astype(np.float32)
     return ServerState(state.form, t, params, moments)
+
+
+def _second_moment(moments: dict[str, np.ndarray], key: str, g: np.ndarray, optimizer: ServerOptimizer) -> np.ndarray:
+    """Update the second-moment state of `key` in `moments`; returns the (uncorrected) estimate of E[g²].
+
+    adafactor keeps a matrix's second moment as row and column means, E[g²] ≈ r cᵀ / mean(r): the
+    step m / √(r cᵀ) scales rows and columns only, so it has the rank of m, where adam's per-entry
+    scaling spreads a low-rank update over every direction.
+    """
+    b2, square = optimizer.beta2, g * g
+    if optimizer.name == "adafactor" and g.ndim == 2:
+        rows = b2 * moments.get(f"v::{key}::rows", 0.0) + (1 - b2) * square.mean(axis=1)
+        cols = b2 * moments.get(f"v::{key}::cols", 0.0) + (1 - b2) * square.mean(axis=0)
+        moments[f"v::{key}::rows"], moments[f"v::{key}::cols"] = rows.astype(np.float32), cols.astype(np.float32)
+        rows, cols = moments[f"v::{key}::rows"].astype(np.float64), moments[f"v::{key}::cols"].astype(np.float64)
+        return np.outer(rows, cols) / max(float(rows.mean()), 1e-30)
+    v_old = moments.get(f"v::{key}", np.zeros_like(g))
+    if optimizer.name == "yogi":
+        v = v_old - (1 - b2) * square * np.sign(v_old - square)
+    else:
+        v = b2 * v_old + (1 - b2) * square
+    moments[f"v::{key}"] = v.astype(np.float32)
+    return np.maximum(moments[f"v::{key}"].astype(np.float64), 0.0)
 
 
 def tier_adapters(state: ServerState, layers: Mapping[str, LayerSpec], ranks: list[int],

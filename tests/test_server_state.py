@@ -50,6 +50,20 @@ def test_adam_step_matches_its_definition() -> None:
         ServerOptimizer("adam", lr=float("nan"))
 
 
+def test_adafactor_keeps_a_low_rank_update_low_rank_where_adam_spreads_it() -> None:
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((12, 2)) @ rng.standard_normal((2, 10))
+    start = ServerState("exact", 0, {"w": np.zeros((12, 10), np.float32)}, {})
+    ranks = {}
+    for name in ("adafactor", "adam"):
+        moved = step(start, {"w": g}, ServerOptimizer(name, lr=1e-2))
+        ranks[name] = np.linalg.matrix_rank(moved.params["w"].astype(np.float64), tol=1e-6)
+    assert ranks["adafactor"] == 2 and ranks["adam"] > 2, ranks
+    bias = step(ServerState("exact", 0, {"b": np.zeros(3, np.float32)}, {}), {"b": np.array([1.0, -1.0, 0.5])},
+                ServerOptimizer("adafactor", lr=0.1, eps=1e-12))
+    np.testing.assert_allclose(bias.params["b"], [0.1, -0.1, 0.1], rtol=1e-5)
+
+
 def test_exact_tiers_are_best_rank_r_with_unit_a_rows_and_live_filler_directions() -> None:
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((12, 3)) @ rng.standard_normal((3, 10))).astype(np.float32)
