@@ -120,33 +120,37 @@ def step(state: ServerState, grads: Mapping[str, np.ndarray], optimizer: ServerO
         if optimizer.name == "sgd":
             delta = lr * m
         else:
-            scale = _second_moment(moments, key, g, optimizer) / (1 - optimizer.beta2**t)
-            delta = lr * (m / (1 - optimizer.beta1**t)) / (np.sqrt(scale) + optimizer.eps)
+            delta = lr * (m / (1 - optimizer.beta1**t)) / _denominator(moments, key, g, optimizer, t)
         params[key] = (params[key].astype(np.float64) + delta).astype(np.float32)
     return ServerState(state.form, t, params, moments)
 
 
-def _second_moment(moments: dict[str, np.ndarray], key: str, g: np.ndarray, optimizer: ServerOptimizer) -> np.ndarray:
-    """Update the second-moment state of `key` in `moments`; returns the (uncorrected) estimate of E[g²].
+def _denominator(moments: dict[str, np.ndarray], key: str, g: np.ndarray, optimizer: ServerOptimizer,
+                 t: int) -> np.ndarray:
+    """Update the second-moment state of `key` in `moments`; returns √v̂ + eps, what m̂ is divided by.
 
-    adafactor keeps a matrix's second moment as row and column means, E[g²] ≈ r cᵀ / mean(r): the
-    step m / √(r cᵀ) scales rows and columns only, so it has the rank of m, where adam's per-entry
-    scaling spreads a low-rank update over every direction.
+    adafactor keeps a matrix's second moment as row and column means, v̂ ≈ r cᵀ / mean(r), and
+    divides by (√r̂ + √eps)(√ĉ + √eps)ᵀ up to the mean: an outer product, so the step scales rows
+    and columns only and keeps the rank of m, where adam's per-entry scaling spreads a low-rank
+    update over every direction.
     """
-    b2, square = optimizer.beta2, g * g
+    b2, square, correction = optimizer.beta2, g * g, 1 - optimizer.beta2**t
     if optimizer.name == "adafactor" and g.ndim == 2:
         rows = b2 * moments.get(f"v::{key}::rows", 0.0) + (1 - b2) * square.mean(axis=1)
         cols = b2 * moments.get(f"v::{key}::cols", 0.0) + (1 - b2) * square.mean(axis=0)
         moments[f"v::{key}::rows"], moments[f"v::{key}::cols"] = rows.astype(np.float32), cols.astype(np.float32)
-        rows, cols = moments[f"v::{key}::rows"].astype(np.float64), moments[f"v::{key}::cols"].astype(np.float64)
-        return np.outer(rows, cols) / max(float(rows.mean()), 1e-30)
+        rows = moments[f"v::{key}::rows"].astype(np.float64) / correction
+        cols = moments[f"v::{key}::cols"].astype(np.float64) / correction
+        quarter = max(float(rows.mean()), 1e-30) ** 0.25
+        root = np.sqrt(optimizer.eps)
+        return np.outer(np.sqrt(rows) / quarter + root, np.sqrt(cols) / quarter + root)
     v_old = moments.get(f"v::{key}", np.zeros_like(g))
     if optimizer.name == "yogi":
         v = v_old - (1 - b2) * square * np.sign(v_old - square)
     else:
         v = b2 * v_old + (1 - b2) * square
     moments[f"v::{key}"] = v.astype(np.float32)
-    return np.maximum(moments[f"v::{key}"].astype(np.float64), 0.0)
+    return np.sqrt(np.maximum(moments[f"v::{key}"].astype(np.float64), 0.0) / correction) + optimizer.eps
 
 
 def tier_adapters(state: ServerState, layers: Mapping[str, LayerSpec], ranks: list[int],
