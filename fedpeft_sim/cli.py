@@ -122,6 +122,8 @@ def main(verbose: bool) -> None:
               help="Score the global on the central subset every this many rounds (and after the last).")
 @click.option("--local-eval-every", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training examples.")
+@click.option("--trainer-cores", type=click.IntRange(min=1), default=None,
+              help="Cores the devices train on at once [default: all]; 1 reproduces a run bit for bit.")
 @click.option("--broker", default=None, help="mqtt://host:port of a running broker [default: a mosquitto on loopback, amqtt without it].")
 @click.option("--plot/--no-plot", default=True, show_default=True)
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
@@ -129,7 +131,7 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         seed: int, steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, server_opt: str,
         server_lr: float, server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
         dtype: str, eval_samples: int, eval_every: int, local_eval_every: int, pool_limit: int | None,
-        broker: str | None, plot: bool) -> None:
+        trainer_cores: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
         bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
@@ -138,7 +140,7 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
                                 proximal_mu=proximal_mu), dtype=dtype,
         server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
         eval_samples=eval_samples, eval_every=eval_every, local_eval_every=local_eval_every, pool_limit=pool_limit,
-        broker_url=broker,
+        trainer_cores=trainer_cores, broker_url=broker,
     )
     try:
         summary = run_full_fedavg(config) if strategy == FULL_FEDAVG else run_simulation(config)

@@ -176,7 +176,7 @@ def _run_grid(plan: Plan, bundle: Path, work: Path, resume: bool, run: bool) -> 
             run_full_fedavg(config)
             continue
         if config.bundle not in pools:
-            pools[config.bundle] = TrainerPool(config.bundle)
+            pools[config.bundle] = TrainerPool(config.bundle, cores=config.trainer_cores)
         run_simulation(config, pools[config.bundle])
     results = {c.out.name: (json.loads((c.out / "summary.json").read_text()), _rows(c.out))
                for c in configs if _finished(c)}
