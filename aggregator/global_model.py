@@ -37,17 +37,19 @@ class GlobalModel:
         self._filler: dict[str, np.ndarray] = {}
 
     def start(self, open_round: int) -> None:
-        """With a server optimizer, round 0: the starting state and the globals the first round trains from."""
+        """With a server optimizer: check that the state `open_round` continues from is there, or write round 0
+        (the starting state and the globals the first round trains from) for a new federation."""
         if self.optimizer is None:
             return
         assert self.form is not None
         with_head = self.head == "shared" and bool(self.manifest.head_parameters)
         start = initial_adapter(self.bundle, self.manifest, max(self.manifest.ranks), with_head)
         self._filler = {name: a for name, (a, _) in start.lora.items()}
-        if self.store.server_state(0, self.form) is not None:
+        if self.store.server_state(open_round - 1, self.form) is not None:
             return
         if open_round > 1:
-            raise StateError(f"{self.store.root} was started without a server optimizer; use another --state-dir.")
+            raise StateError(f"{self.store.root} holds no server state for round {open_round - 1} (was it started "
+                             "without a server optimizer?); use another --state-dir.")
         layers = layer_specs_from_manifest(self.manifest)
         state = initial_state(start, layers, self.form)
         tiers, svds = tier_adapters(state, layers, self.manifest.ranks, self._filler)
