@@ -29,7 +29,7 @@ def merge_exact(
     """Validate, weight and merge; each tier gets the best rank-r factors of ΔW_g."""
     accepted, rejected, n = accepted_or_raise(updates, layers, ranks, order=lambda u: u.rank)
     client_ranks = np.array([u.rank for u in accepted])
-    widths = client_ranks * (2 if accepted[0].sent is not None else 1)
+    widths = np.array([u.rank * (1 if u.sent is None else 2) for u in accepted])
     global_state: dict[str, SvdFactors] = {}
     weights: dict[str, dict[str, float]] = {}
     for group in _shape_groups(layers).values():
