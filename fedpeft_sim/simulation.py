@@ -29,7 +29,7 @@ from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
 from edge_sdk.data import Example, stratified_split
 from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
-from edge_sdk.profile import PRESETS
+from edge_sdk.profile import PRESETS, profile_device
 from edge_sdk.protocol import DType, TrainingConfig, decode_adapter
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.protocol.ranking import RankPolicy
@@ -276,7 +276,7 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     options = AggregatorOptions(
         federation=federation, rounds=config.rounds, state_dir=config.out / "state", fraction=config.fraction,
         min_online=config.clients, round_timeout=config.round_timeout, strategy=config.strategy, seed=config.seed,
-        training=config.training, rank_policy=config.rank_policy or default_policy(bundle_ranks(config), clients),
+        training=config.training, rank_policy=config.rank_policy or default_policy(config, clients),
         dtype=config.dtype, server_optimizer=config.server_optimizer,
     )
     aggregator = Aggregator(config.bundle, settings, options, on_round=evaluator)
@@ -316,18 +316,22 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     return summary
 
 
-def bundle_ranks(config: SimConfig) -> list[int]:
-    return read_manifest(config.bundle).ranks
+def default_policy(config: SimConfig, clients: list[SimClient]) -> RankPolicy:
+    """λ's 0.45, 0.45, 0.1 over M, C, D; M_max 4 GiB (the high preset), C_max the slowest measured compute
+    among the clients of the fastest preset, D_max the median local size.
 
-
-def default_policy(ranks: list[int], clients: list[SimClient]) -> RankPolicy:
-    """Equal λ's over M, C, D; M_max 4 GiB (the high preset), C_max 3 steps/s, D_max the mean local size.
-
-    D_max relative to the clients' data keeps the data term informative at any scale of the run;
-    with these normalizers the presets spread over the tiers 2–16 on a 2-core x86 host.
+    Normalizing compute by this host's own fastest simulated devices makes the tiers follow the
+    presets and the data rather than how fast or loaded the host is; with these weights the three
+    presets spread over all four tiers (measured on an idle 2-core host at α=0.1, 100 clients: low 2,
+    mid 4, high 8 or 16 by data size; 32/34/13/21 clients). Tiers follow measured compute, so a
+    loaded host measures a different mix: every run records its mix in summary.json (`ranks`).
     """
-    mean = float(np.mean([len(c.train) for c in clients]))
-    return RankPolicy.balanced(max(ranks), 4 * 2**30, 3.0, max(1.0, mean))
+    fastest = max({c.preset for c in clients}, key=lambda name: PRESETS[name].compute_factor)
+    compute = min(profile_device(config.bundle, c.train, batch_size=config.training.batch_size, preset=c.preset)[0]
+                  .compute for c in clients if c.preset == fastest)
+    median = float(np.median([len(c.train) for c in clients]))
+    return RankPolicy.balanced(max(read_manifest(config.bundle).ranks), 4 * 2**30, compute, max(1.0, median),
+                               weights=(0.45, 0.45, 0.1))
 
 
 def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], seconds: float) -> dict:
