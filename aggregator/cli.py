@@ -49,6 +49,8 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
+@click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="τ of logit-adjusted local cross-entropy (logits + τ·log of each device's label frequencies).")
 @server_optimizer_options
 @click.option("--r-max", type=click.IntRange(min=1), default=None, help="r_max of the rank formula [default: largest tier].")
 @click.option("--normalizers", default="4096,4.0,1000", show_default=True,
@@ -61,8 +63,8 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          embedded_port: int, federation: str, rounds: int, clients_per_round: int | None, fraction: float | None,
          min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,
          metrics_file: Path | None, seed: int,
-         steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, server_opt: str,
-         server_lr: float, server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
+         steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, logit_adjustment: float,
+         server_opt: str, server_lr: float, server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
          r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int, log_level: str) -> None:
     """Sample online clients, collect and validate their adapters, merge, persist and publish each round."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -83,7 +85,8 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
         fraction=fraction, min_clients=min_clients, min_online=min_online, round_timeout=round_timeout,
         strategy=strategy, seed=seed,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-                                proximal_mu=proximal_mu), rank_policy=policy, head=head, dtype=dtype,
+                                proximal_mu=proximal_mu, logit_adjustment=logit_adjustment),
+        rank_policy=policy, head=head, dtype=dtype,
         chunk_size=chunk_size, metrics_file=metrics_file,
         server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
     )

@@ -98,6 +98,12 @@ class Aggregator:
         if options.training.proximal_mu and not self.manifest.lora.proximal:
             raise ValueError("proximal_mu > 0 needs a bundle whose graphs carry FedProx's term: "
                              "export it with `fedpeft-export --proximal`.")
+        tau = options.training.logit_adjustment
+        if not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"logit_adjustment must be a finite τ ≥ 0, got {tau}.")
+        if tau and self.manifest.output_bias not in self.manifest.head_parameters:
+            raise ValueError("Logit adjustment needs a bundle that trains the head's output bias: "
+                             "export it with --train-head, or set logit adjustment to 0.")
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
         self.store = StateDir(options.state_dir)

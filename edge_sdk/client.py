@@ -226,7 +226,7 @@ class FederatedClient:
             report = trainer.fit(
                 examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
                 schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,
-                proximal_mu=training.proximal_mu,
+                proximal_mu=training.proximal_mu, logit_adjustment=training.logit_adjustment,
                 on_step=(lambda step, loss: self.on_progress(task.round, step, loss)) if self.on_progress else None,
                 should_stop=self._stop.is_set,
             )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +156,7 @@ class Trainer:
         seed: int = 0,
         bucketing: bool = True,
         proximal_mu: float = 0.0,
+        logit_adjustment: float = 0.0,
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> FitReport:
@@ -162,7 +164,10 @@ class Trainer:
 
         `proximal_mu` > 0 adds FedProx's (μ/2)·‖θ − θ₀‖², θ₀ the trainable values this call starts
         from (the received global adapter), pulling local training back toward them; it needs a
-        `--proximal` bundle. `on_step(step, loss)` reports progress;
+        `--proximal` bundle. `logit_adjustment` τ > 0 trains on logits + τ·log π, π the label
+        frequencies of `data` (add-one smoothed): logit-adjusted cross-entropy (Menon et al., arXiv
+        2007.07314), so a device whose data lean to one class pulls the shared head less toward it
+        (the losses reported are the adjusted ones). `on_step(step, loss)` reports progress;
         `should_stop()` ends training early between steps.
         """
         examples = self._materialize(data)
@@ -179,22 +184,23 @@ class Trainer:
         losses: list[float] = []
         samples = tokens = padded = 0
         start, cpu_start = time.perf_counter(), time.process_time()
-        for epoch in range(math.ceil(total / per_epoch)):
-            for batch in batches(examples, batch_size, seed=seed + epoch, lengths=lengths):
-                if len(losses) == total or (should_stop is not None and should_stop()):
-                    break
-                self.optimizer.set_learning_rate(learning_rate(len(losses), total, lr, schedule, warmup_steps))
-                feeds = self.encoder(batch)
-                loss, _ = self.opened.run(self._inputs(feeds), _labels(batch), proximal_mu, anchors)
-                self.optimizer.step()
-                self.opened.module.lazy_reset_grad()
-                losses.append(float(loss))
-                samples += len(batch)
-                mask = feeds.get("attention_mask")
-                tokens += int(mask.sum()) if mask is not None else 0
-                padded += int(mask.size) if mask is not None else 0
-                if on_step is not None:
-                    on_step(len(losses), losses[-1])
+        with self._logit_adjusted(examples, logit_adjustment):
+            for epoch in range(math.ceil(total / per_epoch)):
+                for batch in batches(examples, batch_size, seed=seed + epoch, lengths=lengths):
+                    if len(losses) == total or (should_stop is not None and should_stop()):
+                        break
+                    self.optimizer.set_learning_rate(learning_rate(len(losses), total, lr, schedule, warmup_steps))
+                    feeds = self.encoder(batch)
+                    loss, _ = self.opened.run(self._inputs(feeds), _labels(batch), proximal_mu, anchors)
+                    self.optimizer.step()
+                    self.opened.module.lazy_reset_grad()
+                    losses.append(float(loss))
+                    samples += len(batch)
+                    mask = feeds.get("attention_mask")
+                    tokens += int(mask.sum()) if mask is not None else 0
+                    padded += int(mask.size) if mask is not None else 0
+                    if on_step is not None:
+                        on_step(len(losses), losses[-1])
         return FitReport(
             steps=len(losses), samples=samples, tokens=tokens, padded_tokens=padded,
             wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, losses=losses,
@@ -266,6 +272,31 @@ class Trainer:
             self._write({**self._initial, **values})
         else:
             self._reopen(values)
+
+    @contextmanager
+    def _logit_adjusted(self, examples: list[Example], tau: float) -> Iterator[None]:
+        """Shift the head's output bias by τ·log π while training, and back after.
+
+        Logits + τ·log π with the bias b are the logits with the bias b + τ·log π, so training the
+        shifted bias gives the adjusted loss's gradients exactly, with no extra graph input (with
+        AdamW, its weight decay then acts on the shifted bias).
+        """
+        if not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"logit_adjustment must be a finite τ ≥ 0, got {tau}.")
+        name = self.manifest.output_bias
+        if tau == 0:
+            yield
+            return
+        if name is None or name not in self.opened.tier.trainable:
+            raise ValueError("Logit adjustment shifts the head's output bias, and this bundle does not train one: "
+                             "export it with --train-head, or train with logit adjustment 0.")
+        counts = np.bincount([e.label for e in examples], minlength=len(self.manifest.labels)) + 1.0
+        offset = (tau * np.log(counts / counts.sum())).astype(np.float32)
+        self._write({name: self.opened.adapter_parameters()[name] + offset})
+        try:
+            yield
+        finally:
+            self._write({name: self.opened.adapter_parameters()[name] - offset})
 
     def state(self) -> dict[str, np.ndarray]:
         """A copy of every trainable parameter (LoRA factors and head), to restore with `load_state`."""

@@ -76,3 +76,26 @@ def test_an_sgd_tier_serves_devices_in_turn_without_reopening_and_trains_as_a_fr
     shared.load_state(first_device)
     for name, value in first_device.items():
         np.testing.assert_array_equal(shared.state()[name], value)
+
+
+def test_logit_adjustment_trains_on_logits_shifted_by_the_local_label_prior(sgd_bundle: Path) -> None:
+    from edge_sdk.trainer import Trainer
+
+    negatives = [e for e in rotten_tomatoes() if e.label == 0][:32]
+    trainer = Trainer(sgd_bundle, 2, threads=1)
+    bias = trainer.manifest.output_bias
+    assert bias is not None and bias.endswith("bias")
+    start = trainer.state()
+    moved = {}
+    for tau in (0.0, 1.0):
+        trainer.load_state(start)
+        trainer.fit(negatives, steps=4, batch_size=8, lr=0.5, seed=3, logit_adjustment=tau)
+        moved[tau] = trainer.state()[bias] - start[bias]
+    # Plain cross-entropy on one class drives the bias toward it; the adjusted loss already expects that
+    # class (π = 33/34 after smoothing), so its bias barely moves, and the τ·log π shift is undone after.
+    margin = {tau: float(d[0] - d[1]) for tau, d in moved.items()}
+    assert margin[0.0] > 0.5, margin
+    assert abs(margin[1.0]) < 0.2 * margin[0.0], margin
+    assert np.abs(moved[1.0]).max() < 0.3, moved[1.0]
+    with pytest.raises(ValueError, match="finite τ ≥ 0"):
+        trainer.fit(negatives, steps=1, logit_adjustment=-1.0)

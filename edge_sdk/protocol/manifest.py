@@ -160,6 +160,12 @@ class Manifest:
         """Trainable parameters that are not LoRA factors: the task head (empty when it is frozen)."""
         return list(self.head_shapes)
 
+    @property
+    def output_bias(self) -> str | None:
+        """The trainable bias of the classifier's output (one value per label), if the head has one."""
+        found = [n for n, shape in self.head_shapes.items() if n.endswith("bias") and shape == [len(self.labels)]]
+        return found[-1] if found else None
+
     def tier(self, rank: int) -> Tier:
         """The tier of exactly this rank."""
         for tier in self.tiers:

@@ -48,6 +48,9 @@ class TrainingConfig:
     warmup_steps: int = 0
     proximal_mu: float = 0.0
     """FedProx's μ (0: plain local training); > 0 needs a `--proximal` bundle."""
+    logit_adjustment: float = 0.0
+    """τ of logit-adjusted local cross-entropy: each device trains on logits + τ·log of its own label
+    frequencies (0: plain cross-entropy); > 0 needs a trainable head with an output bias."""
 
 
 @dataclass(frozen=True)
