@@ -38,6 +38,16 @@ def run_without_torch(code: str, timeout: float = 300) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One tier-probe cache for the session, as a device keeps one: each tier is measured once per batch shape."""
+    patch = pytest.MonkeyPatch()
+    folder = tmp_path_factory.mktemp("probe-cache")
+    patch.setenv("FEDPEFT_CACHE", str(folder))
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model exported at two tiers (the full four-tier export is in the demo/benchmarks)."""

@@ -35,24 +35,24 @@ RUNNING: list[subprocess.Popen] = []
 """Every process the helpers start; the `reap_processes` fixture kills what a failed test left behind."""
 
 
-def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "FEDPEFT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 
-def start_aggregator(bundle: Path, broker_url: str, state: Path, log: Path, cache: Path, *args: str) -> subprocess.Popen:
+def start_aggregator(bundle: Path, broker_url: str, state: Path, log: Path, *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "aggregator.cli", "--bundle", str(bundle), "--broker", broker_url,
                "--state-dir", str(state), "--metrics", str(state / "metrics.jsonl"), *args]
-    process = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(cache), cwd=ROOT)
+    process = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
     RUNNING.append(process)
     return process
 
 
 def start_client(bundle: Path, broker_url: str, federation: str, data: Path, client_id: str, state: Path, log: Path,
-                 cache: Path, *args: str) -> subprocess.Popen:
+                 *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "edge_sdk.client_cli", "--bundle", str(bundle), "--broker", broker_url,
                "--federation", federation, "--data", str(data), "--client-id", client_id, "--state-dir", str(state),
                "--eval-fraction", "0", *args]
-    process = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(cache), cwd=ROOT)
+    process = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
     RUNNING.append(process)
     return process
 
@@ -170,7 +170,7 @@ def aggregator_thread(bundle: Path, settings, state: Path, federation: str, **op
 
 
 def two_tier_simulation(bundle: Path, strategy: str, broker_url: str, out: Path) -> tuple[dict, list[dict], list[dict]]:
-    """Six simulated devices on both test tiers, 3 rounds of 25 steps at α=1.0 over a real broker.
+    """Six simulated devices on both test tiers, 3 rounds of 12 steps at α=1.0 over a real broker.
 
     Returns the run's summary, its per-round metrics rows and the aggregator's per-round records.
     """
@@ -180,7 +180,7 @@ def two_tier_simulation(bundle: Path, strategy: str, broker_url: str, out: Path)
 
     config = SimConfig(
         bundle=bundle, out=out, strategy=strategy, clients=6, fraction=0.5, rounds=3, alpha=1.0, size_skew=0.5,
-        dropout=0.0, seed=1, training=TrainingConfig(steps=25, batch_size=16, lr=2e-3, schedule="constant"),
+        dropout=0.0, seed=1, training=TrainingConfig(steps=12, batch_size=16, lr=4e-3, schedule="constant"),
         eval_samples=300, local_eval_every=3, pool_limit=900, broker_url=broker_url,
         rank_policy=RankPolicy.balanced(max(TEST_RANKS), 2048 * 2**20, 0.1, 50),
     )

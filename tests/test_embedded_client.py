@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_app_clients_federate_through_the_embedded_broker_and_a_late_one_returns_at_once(
-        minilm_bundle, tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+        minilm_bundle, tmp_path):
     pool, _ = rotten_tomatoes_split()
     progress: list[tuple[str, int, int]] = []
     with EmbeddedBroker() as broker:

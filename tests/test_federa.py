@@ -88,8 +88,7 @@ def test_svd_init_and_frozen_a_are_exclusive(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_federa_federation_over_mixed_tiers_learns(svd_bundle: Path, mosquitto, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+def test_federa_federation_over_mixed_tiers_learns(svd_bundle: Path, mosquitto, tmp_path: Path) -> None:
     out = tmp_path / "run"
     summary, rows, records = two_tier_simulation(svd_bundle, "svd-weighted", mosquitto.url, out)
 

@@ -44,16 +44,16 @@ def _retained(url: str, topic: str, timeout: float = 5.0) -> dict:
 def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bundle, mosquitto, tmp_path):
     pool, held_out = rotten_tomatoes_split()
     shards = write_shards(tmp_path / "data", pool, [160] * 5)
-    state, cache = tmp_path / "state", tmp_path / "cache"
+    state = tmp_path / "state"
     logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(5))]
     aggregator = start_aggregator(
-        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "e2e", "--rounds", "3",
-        "--clients-per-round", "5", "--min-clients", "5", "--round-timeout", "300", "--steps", "20", "--lr", "3e-3",
+        minilm_bundle, mosquitto.url, state, logs[0], "--federation", "e2e", "--rounds", "3",
+        "--clients-per-round", "5", "--min-clients", "5", "--round-timeout", "300", "--steps", "10", "--lr", "6e-3",
         "--normalizers", "2048,0.1,50",
     )
     presets = ["low", "low", "mid", "high", "high"]
     clients = [start_client(minilm_bundle, mosquitto.url, "e2e", shards[i], f"dev{i}", tmp_path / "clients", logs[i + 1],
-                            cache, "--profile", presets[i]) for i in range(5)]
+                            "--profile", presets[i]) for i in range(5)]
     finish([aggregator, *clients], 900, logs)
 
     metrics = read_metrics(state)
@@ -80,19 +80,18 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
         minilm_bundle, mosquitto, tmp_path, server):
     pool, _ = rotten_tomatoes_split()
     shards = write_shards(tmp_path / "data", pool, [32, 160, 320])
-    cache = tmp_path / "cache"
     args = ("--federation", "crash", "--rounds", "2", "--clients-per-round", "3", "--min-clients", "3",
             "--round-timeout", "300", "--epochs", "1", "--lr", "3e-3", *server)
 
     def federation(name: str, kill_in_round: int | None) -> tuple[object, list[dict]]:
         state, logs = tmp_path / name, [tmp_path / f"{name}-aggregator.log"]
         fed_args = (*args[:1], name, *args[2:])
-        aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, logs[0], cache, *fed_args)
+        aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, logs[0], *fed_args)
         clients = []
         for i in range(3):
             logs.append(tmp_path / f"{name}-client{i}.log")
             clients.append(start_client(minilm_bundle, mosquitto.url, name, shards[i], f"dev{i}", tmp_path / name / "c",
-                                        logs[-1], cache, "--threads", "1", "--profile", "mid"))
+                                        logs[-1], "--threads", "1", "--profile", "mid"))
         if kill_in_round is not None:
             updates = state / "rounds" / f"{kill_in_round:04d}" / "updates"
             wait_for(lambda: updates.is_dir() and len(list(updates.glob("*.fpa"))) >= 1, 300, "a first accepted update")
@@ -100,7 +99,7 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
             aggregator.wait()
             accepted_before = sorted(p.stem for p in updates.glob("*.fpa"))
             assert 1 <= len(accepted_before) < 3, "the kill must land in the middle of the round"
-            aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, logs[0], cache, *fed_args)
+            aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, logs[0], *fed_args)
         finish([aggregator, *clients], 600, logs)
         metrics = read_metrics(state)
         if kill_in_round is not None:
@@ -120,14 +119,14 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
 def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundle, mosquitto, tmp_path):
     pool, _ = rotten_tomatoes_split()
     shards = write_shards(tmp_path / "data", pool, [96, 96, 96, 800, 800])
-    state, cache = tmp_path / "state", tmp_path / "cache"
+    state = tmp_path / "state"
     logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(5))]
     aggregator = start_aggregator(
-        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "vanish", "--rounds", "3",
+        minilm_bundle, mosquitto.url, state, logs[0], "--federation", "vanish", "--rounds", "3",
         "--clients-per-round", "5", "--min-clients", "3", "--min-online", "5", "--round-timeout", "90", "--steps", "12",
     )
     start = lambda i: start_client(minilm_bundle, mosquitto.url, "vanish", shards[i], f"dev{i}", tmp_path / "c",  # noqa: E731
-                                   logs[i + 1], cache, "--threads", "1", "--profile", "mid")
+                                   logs[i + 1], "--threads", "1", "--profile", "mid")
     clients = [start(i) for i in range(5)]
     wait_for(lambda: (state / "state.json").exists() and
              json.loads((state / "state.json").read_text())["task"] is not None, 300, "round 1 to open")
@@ -150,14 +149,14 @@ def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundl
 def test_broker_restart_mid_round_everyone_reconnects_and_the_round_completes(minilm_bundle, mosquitto, tmp_path):
     pool, _ = rotten_tomatoes_split()
     shards = write_shards(tmp_path / "data", pool, [96, 96, 400])
-    state, cache = tmp_path / "state", tmp_path / "cache"
+    state = tmp_path / "state"
     logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(3))]
     aggregator = start_aggregator(
-        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "restart", "--rounds", "2",
+        minilm_bundle, mosquitto.url, state, logs[0], "--federation", "restart", "--rounds", "2",
         "--clients-per-round", "3", "--min-clients", "3", "--round-timeout", "300", "--epochs", "1",
     )
     clients = [start_client(minilm_bundle, mosquitto.url, "restart", shards[i], f"dev{i}", tmp_path / "c", logs[i + 1],
-                            cache, "--threads", "1", "--profile", "mid") for i in range(3)]
+                            "--threads", "1", "--profile", "mid") for i in range(3)]
     updates = state / "rounds" / "0001" / "updates"
     wait_for(lambda: updates.is_dir() and any(updates.glob("*.fpa")), 300, "a first update of round 1")
     mosquitto.stop()
@@ -171,14 +170,14 @@ def test_broker_restart_mid_round_everyone_reconnects_and_the_round_completes(mi
 def test_restarted_clients_resume_the_open_round_and_never_upload_twice(minilm_bundle, mosquitto, tmp_path):
     pool, _ = rotten_tomatoes_split()
     shards = write_shards(tmp_path / "data", pool, [32, 480])
-    state, cache = tmp_path / "state", tmp_path / "cache"
+    state = tmp_path / "state"
     logs = [tmp_path / "aggregator.log", tmp_path / "client0.log", tmp_path / "client1.log"]
     aggregator = start_aggregator(
-        minilm_bundle, mosquitto.url, state, logs[0], cache, "--federation", "resume", "--rounds", "1",
+        minilm_bundle, mosquitto.url, state, logs[0], "--federation", "resume", "--rounds", "1",
         "--clients-per-round", "2", "--min-clients", "2", "--round-timeout", "300", "--epochs", "1",
     )
     start = lambda i: start_client(minilm_bundle, mosquitto.url, "resume", shards[i], f"dev{i}", tmp_path / "c",  # noqa: E731
-                                   logs[i + 1], cache, "--threads", "1", "--profile", "mid")
+                                   logs[i + 1], "--threads", "1", "--profile", "mid")
     clients = [start(0), start(1)]
     first = state / "rounds" / "0001" / "updates" / "dev0.fpa"
     wait_for(first.exists, 300, "dev0's update")

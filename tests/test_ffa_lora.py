@@ -58,9 +58,7 @@ def test_strategy_and_bundle_must_match(frozen_a_bundle: Path, minilm_bundle: Pa
 
 
 @pytest.mark.slow
-def test_ffa_lora_federation_accepts_every_update_and_learns(frozen_a_bundle: Path, mosquitto, tmp_path: Path,
-                                                             monkeypatch) -> None:
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+def test_ffa_lora_federation_accepts_every_update_and_learns(frozen_a_bundle: Path, mosquitto, tmp_path: Path) -> None:
     summary, rows, records = two_tier_simulation(frozen_a_bundle, "ffa-lora", mosquitto.url, tmp_path / "run")
 
     assert {int(r) for r in summary["ranks"]} == set(TEST_RANKS), "both tiers take part"
