@@ -99,3 +99,15 @@ def test_logit_adjustment_trains_on_logits_shifted_by_the_local_label_prior(sgd_
     assert np.abs(moved[1.0]).max() < 0.3, moved[1.0]
     with pytest.raises(ValueError, match="finite τ ≥ 0"):
         trainer.fit(negatives, steps=1, logit_adjustment=-1.0)
+
+
+def test_the_aggregator_refuses_a_negative_or_non_finite_logit_adjustment(sgd_bundle: Path, tmp_path: Path) -> None:
+    from aggregator.service import Aggregator, AggregatorOptions
+    from edge_sdk.protocol import TrainingConfig
+    from edge_sdk.protocol.transport import BrokerSettings
+
+    for tau in (-0.5, float("nan"), float("inf")):
+        options = AggregatorOptions(federation="f", rounds=1, state_dir=tmp_path / "s",
+                                    training=TrainingConfig(logit_adjustment=tau))
+        with pytest.raises(ValueError, match="finite τ ≥ 0"):
+            Aggregator(sgd_bundle, BrokerSettings(), options)
