@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from aggregator.cli_options import server_optimizer, server_optimizer_options
-from aggregator.round_merge import check_strategy
+from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateError
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
@@ -51,6 +51,8 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
               help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
 @click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="τ of logit-adjusted local cross-entropy (logits + τ·log of each device's label frequencies).")
+@click.option("--sample-cap", type=click.FloatRange(min=1), default=SAMPLE_CAP, show_default=True,
+              help="A client's self-reported sample count weighs at most this many times the round's median.")
 @server_optimizer_options
 @click.option("--r-max", type=click.IntRange(min=1), default=None, help="r_max of the rank formula [default: largest tier].")
 @click.option("--normalizers", default="4096,4.0,1000", show_default=True,
@@ -64,7 +66,8 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,
          metrics_file: Path | None, seed: int,
          steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, logit_adjustment: float,
-         server_opt: str, server_lr: float, server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
+         sample_cap: float, server_opt: str, server_lr: float, server_head_lr: float | None, server_beta1: float,
+         server_beta2: float, server_eps: float,
          r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int, log_level: str) -> None:
     """Sample online clients, collect and validate their adapters, merge, persist and publish each round."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -87,7 +90,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                                 proximal_mu=proximal_mu, logit_adjustment=logit_adjustment),
         rank_policy=policy, head=head, dtype=dtype,
-        chunk_size=chunk_size, metrics_file=metrics_file,
+        chunk_size=chunk_size, metrics_file=metrics_file, sample_cap=sample_cap,
         server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
     )
     embedded = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.round_merge import merge_round, merge_with_server
+from aggregator.round_merge import SAMPLE_CAP, merge_round, merge_with_server
 from aggregator.server_state import ServerOptimizer, initial_adapter, initial_state, tier_adapters
 from aggregator.state import StateDir, StateError
 from aggregator.strategies import SvdFactors, get_strategy
@@ -28,8 +28,8 @@ class GlobalModel:
     """Produces and persists the global adapters of a federation's rounds."""
 
     def __init__(self, bundle: Path, manifest: Manifest, store: StateDir, federation: str, strategy: str,
-                 head: HeadMode, optimizer: ServerOptimizer | None) -> None:
-        self.bundle, self.manifest, self.store = bundle, manifest, store
+                 head: HeadMode, optimizer: ServerOptimizer | None, sample_cap: float = SAMPLE_CAP) -> None:
+        self.bundle, self.manifest, self.store, self.sample_cap = bundle, manifest, store, sample_cap
         self.federation, self.strategy, self.head, self.optimizer = federation, strategy, head, optimizer
         self.form = get_strategy(strategy).state
         if optimizer is not None and self.form is None:
@@ -65,7 +65,7 @@ class GlobalModel:
         started = time.perf_counter()
         server_state = None
         if self.optimizer is None:
-            tiers, result = merge_round(self.strategy, accepted, self.manifest)
+            tiers, result = merge_round(self.strategy, accepted, self.manifest, self.sample_cap)
         else:
             assert self.form is not None
             previous = self.store.server_state(round_number - 1, self.form)
@@ -73,7 +73,7 @@ class GlobalModel:
                 raise StateError(f"{self.store.root}: the server state of round {round_number - 1} is missing.")
             sent = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number - 1).items()}
             tiers, result, server_state = merge_with_server(self.strategy, accepted, sent, previous, self.optimizer,
-                                                            self.manifest, self._filler)
+                                                            self.manifest, self._filler, self.sample_cap)
         merge_seconds = time.perf_counter() - started
         payloads = self._save(round_number, tiers, result.global_state, sum(h.num_samples for h, _ in accepted.values()))
         if server_state is not None:

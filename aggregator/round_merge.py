@@ -14,6 +14,19 @@ from edge_sdk.protocol import AdapterHeader
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import Manifest
 
+SAMPLE_CAP = 4.0
+"""A client's sample count weighs at most this many times the round's low median: n is self-reported,
+so one device claiming 10^6 samples would otherwise own the merge (legitimate size skew at σ 0.5
+stays under 3× the median)."""
+
+
+def bounded_counts(counts: list[int], cap: float = SAMPLE_CAP) -> list[int]:
+    """Each count clipped to `cap` × the low median of `counts` (the median itself when the round is odd)."""
+    if not counts:
+        return []
+    limit = max(1, int(cap * sorted(counts)[(len(counts) - 1) // 2]))
+    return [min(n, limit) for n in counts]
+
 
 def check_strategy(name: str, manifest: Manifest | None = None) -> None:
     """Raise ValueError for an unknown strategy, one the device protocol cannot run, or one `manifest` does not suit."""
@@ -36,26 +49,28 @@ def check_strategy(name: str, manifest: Manifest | None = None) -> None:
 
 
 def merge_round(
-    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], manifest: Manifest
+    strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], manifest: Manifest,
+    sample_cap: float = SAMPLE_CAP,
 ) -> tuple[dict[int, Adapter], MergeResult]:
-    """Per-tier global adapters (LoRA + averaged head) from accepted updates, in client-id order.
+    """Per-tier global adapters (LoRA + averaged head) from accepted updates, in client-id order,
+    each sample count bounded by `bounded_counts`.
 
     Sorting makes the result independent of arrival order bit for bit, which is what lets a
     restarted aggregator reproduce an uninterrupted run exactly.
     """
     ordered = [updates[cid] for cid in sorted(updates)]
-    client_updates = [
-        ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=h.num_samples, factors=a.lora) for h, a in ordered
-    ]
+    counts = bounded_counts([h.num_samples for h, _ in ordered], sample_cap)
+    client_updates = [ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=n, factors=a.lora)
+                      for n, (h, a) in zip(counts, ordered)]
     result = get_strategy(strategy)(client_updates, layer_specs_from_manifest(manifest), manifest.ranks)
-    head = _average_heads(ordered)
+    head = _average_heads([(n, a.head) for n, (_, a) in zip(counts, ordered)])
     tiers = {rank: Adapter(rank=rank, lora=dict(lora), head=head) for rank, lora in result.tiers.items()}
     return tiers, result
 
 
-def _average_heads(ordered: list[tuple[AdapterHeader, Adapter]]) -> dict[str, np.ndarray]:
-    """FedAvg of the heads that were sent, weighted by sample count; empty when the head stays local."""
-    with_head = [(h.num_samples, a.head) for h, a in ordered if a.head]
+def _average_heads(heads: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """FedAvg of the (sample count, head) pairs that carry a head; empty when the head stays local."""
+    with_head = [(n, head) for n, head in heads if head]
     if not with_head:
         return {}
     total = float(sum(n for n, _ in with_head))
@@ -68,17 +83,20 @@ def _average_heads(ordered: list[tuple[AdapterHeader, Adapter]]) -> dict[str, np
 def merge_with_server(
     strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], sent: Mapping[int, Adapter],
     state: ServerState, optimizer: ServerOptimizer, manifest: Manifest, filler: Mapping[str, np.ndarray],
+    sample_cap: float = SAMPLE_CAP,
 ) -> tuple[dict[int, Adapter], MergeResult, ServerState]:
     """Per-tier adapters from the server state stepped with the round's pseudo-gradient.
 
     `sent` holds the tier adapters the clients started from (the previous round's globals); the
     strategy merges each client's update against them, and the head's pseudo-gradient is the
-    sample-weighted mean of the head updates. The result's `global_state` is the new ΔW_g's SVD.
+    sample-weighted mean of the head updates (counts bounded as in `merge_round`). The result's
+    `global_state` is the new ΔW_g's SVD.
     """
     spec = get_strategy(strategy)
     ordered = [updates[cid] for cid in sorted(updates)]
-    client_updates = [ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=h.num_samples, factors=a.lora,
-                                   sent=sent[a.rank].lora) for h, a in ordered]
+    counts = bounded_counts([h.num_samples for h, _ in ordered], sample_cap)
+    client_updates = [ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=n, factors=a.lora,
+                                   sent=sent[a.rank].lora) for n, (h, a) in zip(counts, ordered)]
     layers = layer_specs_from_manifest(manifest)
     result = spec(client_updates, layers, manifest.ranks)
     grads: dict[str, np.ndarray] = {}
@@ -90,8 +108,8 @@ def merge_with_server(
             if not spec.frozen_a:
                 grads[f"{name}::A"] = a
     reference = sent[max(manifest.ranks)].head
-    heads = _average_heads([(h, Adapter(a.rank, a.lora, {k: v - reference[k] for k, v in a.head.items()}))
-                            for h, a in ordered if a.head])
+    heads = _average_heads([(n, {k: v - reference[k] for k, v in a.head.items()})
+                            for n, (_, a) in zip(counts, ordered)])
     grads.update({HEAD + name: value for name, value in heads.items()})
     new_state = step(state, grads, optimizer)
     tiers, svds = tier_adapters(new_state, layers, manifest.ranks, filler)

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 
 from aggregator.records import RoundRecord
 from aggregator.global_model import AGGREGATOR_ID, GlobalModel
-from aggregator.round_merge import check_strategy
+from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.server_state import ServerOptimizer
 from aggregator.state import StateDir
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
@@ -63,6 +63,8 @@ class AggregatorOptions:
     server_optimizer: ServerOptimizer | None = None
     """None: each round's merge replaces the global; otherwise the aggregator holds the global and
     steps it with the merged client updates (`aggregator.server_state`)."""
+    sample_cap: float = SAMPLE_CAP
+    """A client's self-reported sample count weighs at most this many times the round's median."""
 
     def sample_size(self, online: int) -> int:
         wanted = self.clients_per_round if self.clients_per_round else math.ceil((self.fraction or 1.0) * online)
@@ -98,6 +100,8 @@ class Aggregator:
         if options.training.proximal_mu and not self.manifest.lora.proximal:
             raise ValueError("proximal_mu > 0 needs a bundle whose graphs carry FedProx's term: "
                              "export it with `fedpeft-export --proximal`.")
+        if not (math.isfinite(options.sample_cap) and options.sample_cap >= 1):
+            raise ValueError(f"sample_cap must be a finite number ≥ 1, got {options.sample_cap}.")
         tau = options.training.logit_adjustment
         if not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"logit_adjustment must be a finite τ ≥ 0, got {tau}.")
@@ -111,7 +115,7 @@ class Aggregator:
         self.state = self.store.load(options.federation, self.bundle_id, options.strategy,
                                      asdict(optimizer) if optimizer else None)
         self.globals = GlobalModel(self.bundle, self.manifest, self.store, options.federation, options.strategy,
-                                   options.head, optimizer)
+                                   options.head, optimizer, options.sample_cap)
         self.max_update_bytes = max_payload_bytes(self.manifest)
         self.online: dict[str, ClientStatus] = {}
         self.records: list[RoundRecord] = []
@@ -401,6 +405,9 @@ class Aggregator:
             return "not sampled for this round"
         if header.num_samples < 1:
             return "num_samples must be at least 1"
+        announced = self.online.get(sender)
+        if announced is not None and header.rank != announced.rank:
+            return f"rank {header.rank} is not the tier r={announced.rank} the client announced"
         if header.head != (self.options.head == "shared" and bool(self.manifest.head_parameters)):
             return f"head {'sent' if header.head else 'missing'} but the federation keeps it {self.options.head}"
         return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -19,7 +18,7 @@ from edge_sdk.protocol import (
     encode_adapter,
 )
 from edge_sdk.protocol.adapter import Adapter
-from edge_sdk.protocol.codec import MAGIC
+from edge_sdk.protocol.codec import MAGIC, payload_digest
 from edge_sdk.protocol.manifest import Manifest, read_manifest
 
 
@@ -48,7 +47,8 @@ def _split(payload: bytes) -> tuple[dict, bytes]:
 
 def _frame(meta: dict, body: bytes, fix_checksum: bool = True) -> bytes:
     if fix_checksum:
-        meta = {**meta, "sha256": hashlib.sha256(body).hexdigest(), "tensor_bytes": len(body)}
+        meta = {**meta, "tensor_bytes": len(body)}
+        meta["sha256"] = payload_digest(meta, body)
     text = json.dumps(meta).encode()
     return MAGIC + struct.pack("<I", len(text)) + text + body
 
@@ -106,13 +106,13 @@ def test_framing_and_header_errors(manifest: Manifest) -> None:
         decode_adapter(MAGIC + struct.pack("<I", 10**6) + b"{}", manifest)
     with pytest.raises(HeaderError, match="not valid JSON"):
         decode_adapter(MAGIC + struct.pack("<I", 3) + b"{x}" + body, manifest)
-    with pytest.raises(VersionError, match="version 2"):
-        decode_adapter(_frame({**meta, "version": 2}, body), manifest)
+    with pytest.raises(VersionError, match="version 1"):
+        decode_adapter(_frame({**meta, "version": 1}, body), manifest)
     with pytest.raises(HeaderError, match="unexpected \\['extra'\\]"):
         decode_adapter(_frame({**meta, "extra": 1}, body), manifest)
     with pytest.raises(HeaderError, match="'round' must be int"):
         decode_adapter(_frame({**meta, "round": "3"}, body), manifest)
-    with pytest.raises(HeaderError, match="must not be negative"):
+    with pytest.raises(HeaderError, match="must lie in \\[0, "):
         decode_adapter(_frame({**meta, "num_samples": -1}, body), manifest)
     with pytest.raises(HeaderError, match="metrics"):
         decode_adapter(_frame({**meta, "metrics": {"loss": "low"}}, body), manifest)
@@ -129,6 +129,33 @@ def test_checksum_catches_corruption_and_truncation(manifest: Manifest) -> None:
         decode_adapter(bytes(payload), manifest)
     with pytest.raises(ChecksumError):
         decode_adapter(bytes(payload[:-100]), manifest)
+
+
+def test_the_checksum_covers_the_header(manifest: Manifest) -> None:
+    """A captured update with its round (or sample count) rewritten no longer verifies."""
+    payload = encode_adapter(_adapter(manifest), _header())
+    meta, body = _split(payload)
+    for change in ({"round": 4}, {"num_samples": 10**6}):
+        with pytest.raises(ChecksumError, match="altered"):
+            decode_adapter(_frame({**meta, **change}, body, fix_checksum=False), manifest)
+
+
+def test_header_numbers_and_strings_are_bounded(manifest: Manifest) -> None:
+    """Numbers that would overflow a merge or a log line are refused before any state changes."""
+    meta, body = _split(encode_adapter(_adapter(manifest), _header()))
+    text = json.dumps(meta)
+    for raw in (text.replace('"num_samples": 120', '"num_samples": ' + "9" * 309),
+                text.replace('"loss": 0.4', '"loss": NaN'), text.replace('"loss": 0.4', '"loss": 1e400'),
+                text.replace('"loss": 0.4', '"loss": ' + "1" * 400)):
+        encoded = raw.encode()
+        with pytest.raises(HeaderError, match="not valid JSON"):
+            decode_adapter(MAGIC + struct.pack("<I", len(encoded)) + encoded + body, manifest)
+    for change, message in (({"num_samples": 2**31}, "must lie in"), ({"round": 2**40}, "must lie in"),
+                            ({"client_id": "x" * 257}, "1 to 256 characters"),
+                            ({"metrics": {"x" * 65: 1.0}}, "metrics"),
+                            ({"metrics": {f"m{i}": 1.0 for i in range(65)}}, "metrics")):
+        with pytest.raises(HeaderError, match=message):
+            decode_adapter(_frame({**meta, **change}, body), manifest)
 
 
 def test_tensor_errors(manifest: Manifest) -> None:
@@ -156,6 +183,9 @@ def test_tensor_errors(manifest: Manifest) -> None:
     bad[3, 1] = np.nan
     with pytest.raises(NonFiniteError, match=layer):
         decode_adapter(_with_tensors(payload, {**tensors, f"{layer}::B": bad}), manifest)
+    with pytest.raises(NonFiniteError, match="beyond"):
+        huge = {f"{layer}::A": tensors[f"{layer}::A"] * 1e20, f"{layer}::B": tensors[f"{layer}::B"] * 1e-20}
+        decode_adapter(_with_tensors(payload, {**tensors, **huge}), manifest)
     head_name = next(iter(manifest.head_shapes))
     with pytest.raises(ShapeError, match="Head"):
         decode_adapter(_with_tensors(payload, {**tensors, f"head::{head_name}": np.zeros((3, 3), np.float32)}), manifest)

@@ -64,6 +64,13 @@ def _malformed(adapters, manifest, federation: str, round_number: int, rng: rand
         ("mallory", framed(r2, client_id="mallory")),                    # not sampled
         ("dev2", framed(r2, client_id="dev2", num_samples=0)),          # invalid sample count
         ("dev2", framed(r2, client_id="dev2", dtype="int8").replace(b'"int8"', b'"fp64"', 1)),
+        ("dev0", framed(r8, rank=8)),                                    # not the tier dev0 announced (r=2)
+        ("dev2", framed(r2, client_id="dev2", num_samples=10**309)),     # a count no float holds
+        ("dev2", framed(r2, client_id="dev2", metrics={"x" * 60_000: 1.0})),
+        ("dev2", framed(r2, client_id="dev2", metrics={"loss": 0.5}).replace(b"0.5", b"NaN", 1)),
+        ("dev2", framed(r2, client_id="dev2").replace(f'"round": {round_number}'.encode(),
+                                                      f'"round": {round_number + 1}'.encode(), 1)),  # altered header
+        ("dev0", framed(broken(lambda k, a, b: (a * 1e20, b * 1e-20)))),  # same ΔW, Grams overflow float32
     ]:
         cases += [(sender, message)] * 25
     rng.shuffle(cases)

@@ -2,7 +2,8 @@
 
 Layout (`framing`): MAGIC (8 bytes) | header length (uint32 little-endian) | JSON header | safetensors bytes.
 The header says who sent what (federation, round, client, rank, sample count, metrics, dtype)
-and carries the SHA-256 of the safetensors bytes. Tensors are named `<layer>::A`, `<layer>::B`
+and carries a SHA-256 over the rest of the header and the safetensors bytes (corruption of either
+is caught; who sent it is the broker's to vouch for: a device may publish on its own topic only). Tensors are named `<layer>::A`, `<layer>::B`
 and `head::<parameter>`; int8 tensors carry a float32 `<name>::scale` per rank component.
 Decoding checks everything against the bundle manifest before returning anything: a payload is
 either wholly valid or rejected with one of the distinct `CodecError` subclasses below. No
@@ -12,6 +13,7 @@ pickle anywhere: JSON and safetensors only.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import get_args
@@ -28,9 +30,18 @@ from edge_sdk.protocol.messages import DType
 
 MAGIC = b"FEDPEFT\x00"
 FORMAT = "fedpeft-adapter"
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 DTYPES: tuple[DType, ...] = get_args(DType)
 MAX_HEADER_BYTES = 64 * 1024
+MAX_ID_CHARS = 256
+"""Longest federation or client id a header may carry."""
+MAX_METRICS = 64
+MAX_METRIC_NAME_CHARS = 64
+MAX_COUNT = 2**31 - 1
+"""Largest round, rank, sample count or byte count a header may declare."""
+MAX_ABS_VALUE = 1e6
+"""Largest magnitude of a tensor value: LoRA factors and heads are O(1); this keeps every Gram matrix
+of a merge far from float32 overflow."""
 _HEADER_FIELDS = {
     "format": str, "version": int, "federation": str, "round": int, "client_id": str, "rank": int,
     "num_samples": int, "metrics": dict, "dtype": str, "head": bool, "sha256": str, "tensor_bytes": int,
@@ -82,7 +93,7 @@ class ShapeError(CodecError):
 
 
 class NonFiniteError(CodecError):
-    """A tensor holds NaN or Inf."""
+    """A tensor holds NaN, Inf or a value beyond ±MAX_ABS_VALUE."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +134,9 @@ def encode_adapter(adapter: Adapter, header: AdapterHeader) -> bytes:
         "format": FORMAT, "version": CODEC_VERSION,
         **asdict(header), "rank": adapter.rank, "head": bool(adapter.head),
         "metrics": {k: float(v) for k, v in header.metrics.items()},
-        "sha256": hashlib.sha256(body).hexdigest(), "tensor_bytes": len(body),
+        "tensor_bytes": len(body),
     }
-    payload = frame(MAGIC, meta, body)
+    payload = frame(MAGIC, {**meta, "sha256": payload_digest(meta, body)}, body)
     header_bytes = len(payload) - len(body) - PREFIX.size
     if header_bytes > MAX_HEADER_BYTES:
         raise HeaderError(f"Header of {header_bytes} bytes exceeds {MAX_HEADER_BYTES}: send fewer metrics.")
@@ -144,8 +155,9 @@ def decode_adapter(payload: bytes, manifest: Manifest, max_bytes: int | None = N
     _check_header(meta)
     if meta["rank"] not in manifest.ranks:
         raise RankError(f"Declared rank {meta['rank']} is not a tier of this bundle {manifest.ranks}.")
-    if meta["tensor_bytes"] != len(body) or hashlib.sha256(body).hexdigest() != meta["sha256"]:
-        raise ChecksumError("Tensor bytes do not match the header's length and SHA-256: corrupted or truncated.")
+    if meta["tensor_bytes"] != len(body) or payload_digest(meta, body) != meta["sha256"]:
+        raise ChecksumError("Header and tensor bytes do not match the header's length and SHA-256: "
+                            "corrupted, truncated or altered.")
     try:
         tensors = load_tensors(body)
     except (SafetensorError, ValueError) as err:
@@ -156,6 +168,12 @@ def decode_adapter(payload: bytes, manifest: Manifest, max_bytes: int | None = N
         num_samples=meta["num_samples"], dtype=meta["dtype"], metrics=meta["metrics"], head=meta["head"],
     )
     return header, adapter
+
+
+def payload_digest(meta: Mapping[str, object], body: bytes) -> str:
+    """SHA-256 of the header (sorted JSON, without its `sha256` field) followed by the tensor bytes."""
+    header = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(header.encode() + body).hexdigest()
 
 
 def _check_header(meta: dict) -> None:
@@ -171,13 +189,17 @@ def _check_header(meta: dict) -> None:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise HeaderError(f"Header field {key!r} must be {kind.__name__}, got {type(value).__name__}.")
     for key in ("round", "rank", "num_samples", "tensor_bytes"):
-        if meta[key] < 0:
-            raise HeaderError(f"Header field {key!r} must not be negative.")
-    if not meta["client_id"] or not meta["federation"]:
-        raise HeaderError("Header fields 'client_id' and 'federation' must not be empty.")
-    if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-               for k, v in meta["metrics"].items()):
-        raise HeaderError("Header 'metrics' must map names to numbers.")
+        if not 0 <= meta[key] <= MAX_COUNT:
+            raise HeaderError(f"Header field {key!r} must lie in [0, {MAX_COUNT}], got {meta[key]}.")
+    for key in ("client_id", "federation"):
+        if not 0 < len(meta[key]) <= MAX_ID_CHARS:
+            raise HeaderError(f"Header field {key!r} must hold 1 to {MAX_ID_CHARS} characters.")
+    metrics = meta["metrics"]
+    if len(metrics) > MAX_METRICS or not all(
+            isinstance(k, str) and 0 < len(k) <= MAX_METRIC_NAME_CHARS and isinstance(v, (int, float))
+            and not isinstance(v, bool) for k, v in metrics.items()):
+        raise HeaderError(f"Header 'metrics' must map at most {MAX_METRICS} names of 1 to {MAX_METRIC_NAME_CHARS} "
+                          "characters to finite numbers.")
     if meta["dtype"] not in DTYPES:
         raise DTypeError(f"Unknown dtype {meta['dtype']!r}; this peer reads {DTYPES}.")
 
@@ -246,4 +268,6 @@ def _adapter_from_tensors(tensors: Mapping[str, np.ndarray], manifest: Manifest,
                         *head.items()]:
         if not np.all(np.isfinite(value)):
             raise NonFiniteError(f"{name} holds NaN or Inf.")
+        if value.size and float(np.abs(value).max()) > MAX_ABS_VALUE:
+            raise NonFiniteError(f"{name} holds values beyond ±{MAX_ABS_VALUE:g}.")
     return Adapter(rank=rank, lora=lora, head=head)

@@ -1,0 +1,37 @@
+"""Hostile devices that send well-formed updates: self-reported counts and tiers are bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.round_merge import SAMPLE_CAP, bounded_counts, merge_round
+from edge_sdk.protocol import AdapterHeader
+from edge_sdk.protocol.manifest import read_manifest
+
+
+def test_counts_are_clipped_to_the_cap_times_the_low_median() -> None:
+    assert bounded_counts([50, 60, 70, 10**18]) == [50, 60, 70, int(SAMPLE_CAP * 60)]
+    assert bounded_counts([50, 10**6]) == [50, 200], "with two clients the lower one sets the bound"
+    assert bounded_counts([30, 80, 120], cap=4.0) == [30, 80, 120], "honest size skew is untouched"
+    assert bounded_counts([]) == []
+
+
+def test_a_device_claiming_a_million_samples_weighs_as_the_cap_allows(minilm_bundle: Path, trained_adapters) -> None:
+    """Its weight share falls from 99.9% to cap / (cap + k − 1) of every layer and of the head."""
+    manifest = read_manifest(minilm_bundle)
+    honest, hostile = trained_adapters["r8-0"], trained_adapters["r8-1"]
+
+    def merged(claim: int):
+        updates = {f"dev{i}": (AdapterHeader("f", 1, f"dev{i}", 8, 100), honest) for i in range(3)}
+        updates["mallory"] = (AdapterHeader("f", 1, "mallory", 8, claim), hostile)
+        return merge_round("svd-weighted", updates, manifest)
+
+    (tiers, result), (capped_tiers, capped) = merged(10**6), merged(int(SAMPLE_CAP * 100))
+    share = max(w["mallory"] for w in result.weights.values())
+    assert share < 0.75, share
+    for layer, weights in result.weights.items():
+        assert weights == capped.weights[layer]
+    for name, value in tiers[8].head.items():
+        np.testing.assert_array_equal(value, capped_tiers[8].head[name])
