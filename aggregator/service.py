@@ -359,9 +359,14 @@ class Aggregator:
         self.online[sender] = status
 
     def _on_update_chunk(self, sender: str, payload: bytes) -> None:
+        """Reassemble `sender`'s chunks; only senders sampled for the open round (and not yet accepted)
+        may hold a transfer open, so memory stays bounded by the round's sample × the largest payload."""
         current = self._round
-        if current is not None:
-            current.bytes_in += len(payload)
+        if current is None or sender not in current.task.sampled or sender in current.accepted:
+            self._reject(sender, "not sampled for this round" if current is None or sender not in current.task.sampled
+                         else "duplicate update for this round", None)
+            return
+        current.bytes_in += len(payload)
         try:
             complete, failed = self._reassembler.add(sender, payload)
         except ChunkError as err:

@@ -16,6 +16,8 @@ from edge_sdk.protocol.framing import frame, unframe
 CHUNK_MAGIC = b"FPCHUNK\x00"
 CHUNK_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 1024
+"""Smallest data size of a chunk but a transfer's last: bounds a transfer's chunk count by its size."""
 _MAX_HEADER = 4096
 _FIELDS = {"version": int, "sha256": str, "size": int, "index": int, "count": int, "chunk_sha256": str}
 
@@ -37,8 +39,8 @@ class Chunk:
 
 def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:
     """`payload` as framed chunks of at most `chunk_size` data bytes each."""
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be positive.")
+    if chunk_size < MIN_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be at least {MIN_CHUNK_SIZE} bytes.")
     digest = hashlib.sha256(payload).hexdigest()
     pieces = [payload[i:i + chunk_size] for i in range(0, len(payload), chunk_size)] or [b""]
     out = []
@@ -63,8 +65,10 @@ def parse_chunk(message: bytes, max_size: int) -> Chunk:
     size, index, count = header["size"], header["index"], header["count"]
     if not 0 <= size <= max_size:
         raise ChunkError(f"Transfer of {size} bytes exceeds the {max_size}-byte limit.")
-    if not (1 <= count <= max(1, size) and 0 <= index < count):
-        raise ChunkError(f"Chunk index {index} of {count} is out of range.")
+    if not (1 <= count <= max(1, -(-size // MIN_CHUNK_SIZE)) and 0 <= index < count):
+        raise ChunkError(f"Chunk index {index} of {count} is out of range for a {size}-byte transfer.")
+    if len(data) > size:
+        raise ChunkError(f"Chunk {index} holds {len(data)} bytes of a {size}-byte transfer.")
     if hashlib.sha256(data).hexdigest() != header["chunk_sha256"]:
         raise ChunkError(f"Chunk {index} of {count} fails its SHA-256: corrupted in transit.")
     return Chunk(header["sha256"], size, index, count, data)
@@ -76,6 +80,7 @@ class _Transfer:
     count: int
     parts: dict[int, bytes] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    collected: int = 0
 
 
 class Reassembler:
@@ -107,6 +112,10 @@ class Reassembler:
         if (chunk.size, chunk.count) != (transfer.size, transfer.count):
             self._open.pop(sender, None)
             raise ChunkError("Chunk disagrees with its transfer's size or chunk count.")
+        transfer.collected += len(chunk.data) - len(transfer.parts.get(chunk.index, b""))
+        if transfer.collected > transfer.size:
+            self._open.pop(sender, None)
+            raise ChunkError(f"Chunks carry more than the transfer's declared {transfer.size} bytes.")
         transfer.parts[chunk.index] = chunk.data
         if len(transfer.parts) < transfer.count:
             return None, failed
