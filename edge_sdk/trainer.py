@@ -164,11 +164,9 @@ class Trainer:
 
         `proximal_mu` > 0 adds FedProx's (μ/2)·‖θ − θ₀‖², θ₀ the trainable values this call starts
         from (the received global adapter), pulling local training back toward them; it needs a
-        `--proximal` bundle. `logit_adjustment` τ > 0 trains on logits + τ·log π, π the label
-        frequencies of `data` (add-one smoothed): logit-adjusted cross-entropy (Menon et al., arXiv
-        2007.07314), so a device whose data lean to one class pulls the shared head less toward it
-        (the losses reported are the adjusted ones). `on_step(step, loss)` reports progress;
-        `should_stop()` ends training early between steps.
+        `--proximal` bundle. `logit_adjustment` τ > 0 trains with logit-adjusted cross-entropy on
+        the local label prior (`_logit_adjusted`; the losses reported are the adjusted ones).
+        `on_step(step, loss)` reports progress; `should_stop()` ends training early between steps.
         """
         examples = self._materialize(data)
         per_epoch = math.ceil(len(examples) / batch_size)
@@ -196,9 +194,8 @@ class Trainer:
                     self.opened.module.lazy_reset_grad()
                     losses.append(float(loss))
                     samples += len(batch)
-                    mask = feeds.get("attention_mask")
-                    tokens += int(mask.sum()) if mask is not None else 0
-                    padded += int(mask.size) if mask is not None else 0
+                    mask = feeds.get("attention_mask", np.zeros(0, dtype=np.int64))
+                    tokens, padded = tokens + int(mask.sum()), padded + int(mask.size)
                     if on_step is not None:
                         on_step(len(losses), losses[-1])
         return FitReport(
@@ -275,7 +272,9 @@ class Trainer:
 
     @contextmanager
     def _logit_adjusted(self, examples: list[Example], tau: float) -> Iterator[None]:
-        """Shift the head's output bias by τ·log π while training, and back after.
+        """Shift the head's output bias by τ·log π while training, and back after: logit-adjusted
+        cross-entropy (Menon et al., arXiv 2007.07314), π the examples' label frequencies (add-one
+        smoothed), so a device whose data lean to one class pulls the shared head less toward it.
 
         Logits + τ·log π with the bias b are the logits with the bias b + τ·log π, so training the
         shifted bias gives the adjusted loss's gradients exactly, with no extra graph input (with
