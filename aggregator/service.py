@@ -362,9 +362,11 @@ class Aggregator:
         """Reassemble `sender`'s chunks; only senders sampled for the open round (and not yet accepted)
         may hold a transfer open, so memory stays bounded by the round's sample × the largest payload."""
         current = self._round
-        if current is None or sender not in current.task.sampled or sender in current.accepted:
-            self._reject(sender, "not sampled for this round" if current is None or sender not in current.task.sampled
-                         else "duplicate update for this round", None)
+        if current is None or sender not in current.task.sampled:
+            self._reject(sender, "not sampled for this round", None)
+            return
+        if sender in current.accepted:
+            self._reject(sender, "duplicate update for this round", None)
             return
         current.bytes_in += len(payload)
         try:
