@@ -41,8 +41,10 @@ class OpenedTier:
         labels: np.ndarray,
         proximal_mu: float = 0.0,
         anchors: Mapping[str, np.ndarray] | None = None,
+        with_features: bool = False,
     ) -> list[np.ndarray]:
-        """One call of the training graph (train mode: loss and gradients) or the eval graph: (loss, logits).
+        """One call of the training graph (train mode: loss and gradients) or the eval graph: (loss, logits),
+        and the head's input features after them `with_features` (a bundle with `Manifest.feature_width`).
 
         `inputs` follow the manifest's inputs; where the bundle has an embedding lookup, the token
         rows are gathered here. A `--proximal` bundle also takes FedProx's μ and the anchors
@@ -60,7 +62,10 @@ class OpenedTier:
                 anchors = {name: param.data for name, param in self.state.parameters if name in self.tier.trainable}
             named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
             named.update((anchor_input(name), anchors[name]) for name in self.tier.trainable)
-        return self.module(*(named[name] for name in self.module.input_names()))
+        outputs = self.module(*(named[name] for name in self.module.input_names()))
+        if with_features and self.manifest.feature_width is None:
+            raise ValueError("This bundle has no features output; re-export it with this fedpeft-export.")
+        return list(outputs[:3] if with_features else outputs[:2])
 
     def new_optimizer(self) -> Optimizer:
         """A fresh optimizer over the trainable parameters: the bundle's AdamW (zeroed moments) or SGD graph."""

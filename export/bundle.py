@@ -19,15 +19,21 @@ import torch
 from onnx import numpy_helper
 from safetensors.numpy import save_file
 
-from edge_sdk.bundle import open_tier
+from edge_sdk.bundle import OpenedTier, open_tier
 from edge_sdk.embeddings import safetensors_header
 from edge_sdk.files import sha256_file
 from edge_sdk.protocol.manifest import (
-    FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, LoraSettings, Manifest, OptimizerName, SvdInit, TensorSpec, Tier,
+    FEATURES_OUTPUT, FORMAT, FORMAT_VERSION, MANIFEST_FILE, LoraPair, LoraSettings, Manifest, OptimizerName, SvdInit, TensorSpec, Tier,
 )
 from export import __version__
 from export.errors import ExportError
-from export.graph import OUTPUT_NAME, detach_embedding_lookup, export_forward, frozen_initializers
+from export.graph import (
+    OUTPUT_NAME,
+    add_feature_output,
+    detach_embedding_lookup,
+    export_forward,
+    frozen_initializers,
+)
 from export.model import (
     SHARED_A_SEED, TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs,
 )
@@ -133,6 +139,7 @@ class _Exported:
     base: dict[str, np.ndarray]
     lookup: dict | None
     references: dict[int, tuple[list[np.ndarray], np.ndarray]]
+    feature_width: int | None
 
 
 def _write_bundle(
@@ -167,6 +174,7 @@ def _export_tiers(
         )
         sample = sample_inputs(loaded.task, loaded.config)
         graph = export_forward(loaded, sample, options.opset)
+        width = add_feature_output(graph, loaded.trainable) if options.train_head else None
         frozen_inits = frozen_initializers(graph, loaded.trainable + loaded.frozen_lora)
         frozen = {init.name: numpy_helper.to_array(init) for init in frozen_inits}
         if exported is None:
@@ -178,7 +186,7 @@ def _export_tiers(
         lookup = detach_embedding_lookup(training, TOKEN_IDS, set(frozen))
         tier = _write_tier(work, rank, loaded, graph, training, list(frozen), options.optimizer, options.proximal)
         if exported is None:
-            exported = _Exported([], loaded, frozen, lookup, {})
+            exported = _Exported([], loaded, frozen, lookup, {}, width)
         exported.tiers.append(tier)
         with torch.no_grad():
             exported.references[rank] = ([t.numpy() for t in sample], loaded.wrapper(*sample).numpy())
@@ -198,7 +206,8 @@ def _manifest(work: Path, model_dir: Path, options: ExportOptions, exported: _Ex
         base_model=_describe_base(model_dir, first.config),
         task=options.task,
         inputs=[TensorSpec(name, dtype, list(axes)) for name, dtype, axes in first.task.inputs],
-        outputs=[TensorSpec(OUTPUT_NAME, "float32", ["tokens" if first.task.flatten_logits else "batch", "classes"])],
+        outputs=[TensorSpec(OUTPUT_NAME, "float32", ["tokens" if first.task.flatten_logits else "batch", "classes"])]
+        + ([TensorSpec(FEATURES_OUTPUT, "float32", ["batch", "features"])] if exported.feature_width else []),
         label_input=TensorSpec("labels", "int64", list(first.task.label_shape)),
         labels=_labels(first.config, options.task),
         max_seq_len=options.max_seq_len,
@@ -273,7 +282,8 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
             loss=loss,
             optimizer=artifacts.OptimType.SGD if optimizer == "sgd" else artifacts.OptimType.AdamW,
             artifact_directory=tier_dir,
-            additional_output_names=[OUTPUT_NAME],
+            additional_output_names=[o.name for o in graph.graph.output],
+            loss_input_names=[OUTPUT_NAME],
             nominal_checkpoint=True,
         )
     (tier_dir / "checkpoint").unlink()
@@ -371,7 +381,9 @@ def _verify_tier(work: Path, tier: Tier, feeds: list[np.ndarray], reference: np.
         )
     labels = np.zeros(reference.shape[0], dtype=np.int64)
     opened.module.eval()
-    _, eval_logits = opened.run(feeds, labels)
+    _, eval_logits, *features = opened.run(feeds, labels, with_features=opened.manifest.feature_width is not None)
+    if features:
+        _check_features(opened, features[0], eval_logits)
     inference = ort.InferenceSession(str(work / tier.dir / tier.inference_model), providers=["CPUExecutionProvider"])
     names = [spec.name for spec in opened.manifest.inputs]
     (inference_logits,) = inference.run([OUTPUT_NAME], dict(zip(names, feeds)))
@@ -385,6 +397,18 @@ def _verify_tier(work: Path, tier: Tier, feeds: list[np.ndarray], reference: np.
                 f"Tier r={tier.rank}: ORT {graph} logits differ from the peft model by {diff:.2e} (> {PARITY_TOLERANCE})."
             )
     return max(diffs.values())
+
+
+def _check_features(opened: OpenedTier, features: np.ndarray, logits: np.ndarray) -> None:
+    """The `features` output must be what the output layer reads: logits = features · Wᵀ + b (dropout off)."""
+    manifest = opened.manifest
+    values = opened.adapter_parameters()
+    weight = values[manifest.output_weight]
+    bias = values[manifest.output_bias] if manifest.output_bias else 0.0
+    diff = float(np.max(np.abs(features @ weight.T + bias - logits)))
+    if not diff <= PARITY_TOLERANCE:
+        raise ExportError(f"Tier r={opened.tier.rank}: the features output does not feed the head "
+                          f"(logits differ by {diff:.2e}); export with --no-train-head or report the model.")
 
 
 def _write_tokenizer(work: Path, model_dir: Path, task: str) -> dict:

@@ -9,6 +9,7 @@ from collections import Counter
 import onnx
 import torch
 
+from edge_sdk.protocol.manifest import FEATURES_OUTPUT
 from export.errors import ExportError
 from export.model import LoadedModel
 
@@ -57,6 +58,30 @@ def add_missing_optional_outputs(model: onnx.ModelProto) -> None:
             continue
         while len(node.output) < total:
             node.output.append(f"{node.name or node.op_type}_{index}_opt_out{len(node.output)}")
+
+
+def add_feature_output(model: onnx.ModelProto, trainable: list[str]) -> int | None:
+    """Expose the classifier head's input, before the head's dropout, as the graph output `features`.
+
+    The head is the Gemm whose weight is a trainable initializer of shape (classes, width) or
+    (width, classes). Devices sum the statistics of these features for a closed-form head. Returns
+    the feature width, or None when the graph has no such head (a language model's tied output).
+    """
+    graph = model.graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer if init.name in set(trainable)}
+    head = next((node for node in graph.node if node.op_type == "Gemm" and node.input[1] in shapes
+                 and node.output[0] == OUTPUT_NAME), None)
+    if head is None:
+        return None
+    trans_b = next((a.i for a in head.attribute if a.name == "transB"), 0)
+    width = shapes[head.input[1]][1 if trans_b else 0]
+    source = head.input[0]
+    producer = next((node for node in graph.node if source in node.output), None)
+    if producer is not None and producer.op_type == "Dropout":
+        source = producer.input[0]
+    graph.node.append(onnx.helper.make_node("Identity", [source], [FEATURES_OUTPUT], name="features_output"))
+    graph.output.append(onnx.helper.make_tensor_value_info(FEATURES_OUTPUT, onnx.TensorProto.FLOAT, ["batch", width]))
+    return width
 
 
 def detach_embedding_lookup(model: onnx.ModelProto, ids_input: str, frozen: set[str]) -> dict | None:

@@ -14,6 +14,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 PROXIMAL_MU_INPUT = "proximal_mu"
+FEATURES_OUTPUT = "features"
+"""Graph output of a classification bundle's head input (per example); see `Manifest.feature_width`."""
 """Graph input of a `--proximal` bundle: FedProx's μ, a float32 scalar (0 turns the term off)."""
 
 
@@ -165,6 +167,21 @@ class Manifest:
         """The trainable bias of the classifier's output (one value per label), if the head has one."""
         found = [n for n, shape in self.head_shapes.items() if n.endswith("bias") and shape == [len(self.labels)]]
         return found[-1] if found else None
+
+    @property
+    def output_weight(self) -> str | None:
+        """The trainable (labels × width) weight of the classifier's output layer, if the head has one."""
+        found = [n for n, shape in self.head_shapes.items()
+                 if n.endswith("weight") and len(shape) == 2 and shape[0] == len(self.labels)]
+        return found[-1] if found else None
+
+    @property
+    def feature_width(self) -> int | None:
+        """Width of the graphs' `features` output (the output layer's input, which closed-form heads are
+        computed from); None when the bundle has no such output (exported before it, or no trainable head)."""
+        if self.output_weight is None or all(o.name != FEATURES_OUTPUT for o in self.outputs):
+            return None
+        return self.head_shapes[self.output_weight][1]
 
     def tier(self, rank: int) -> Tier:
         """The tier of exactly this rank."""
