@@ -7,11 +7,13 @@ from dataclasses import replace
 
 import numpy as np
 
+from aggregator.closed_form import solved_head
 from aggregator.server_state import HEAD, ServerOptimizer, ServerState, step, tier_adapters
 from aggregator.strategies import ClientUpdate, MergeResult, get_strategy
 from aggregator.strategies.base import layer_specs_from_manifest
 from edge_sdk.protocol import AdapterHeader
 from edge_sdk.protocol.adapter import Adapter
+from edge_sdk.protocol.codec import STATISTICS_KEYS
 from edge_sdk.protocol.manifest import Manifest
 
 SAMPLE_CAP = 4.0
@@ -89,8 +91,9 @@ def merge_with_server(
 
     `sent` holds the tier adapters the clients started from (the previous round's globals); the
     strategy merges each client's update against them, and the head's pseudo-gradient is the
-    sample-weighted mean of the head updates (counts bounded as in `merge_round`). The result's
-    `global_state` is the new ΔW_g's SVD.
+    sample-weighted mean of the head updates (counts bounded as in `merge_round`). Where the updates
+    carry feature statistics, the head is instead solved in closed form from them (`closed_form`),
+    pooled over rounds in the state. The result's `global_state` is the new ΔW_g's SVD.
     """
     spec = get_strategy(strategy)
     ordered = [updates[cid] for cid in sorted(updates)]
@@ -107,10 +110,18 @@ def merge_with_server(
             grads[f"{name}::B"] = b
             if not spec.frozen_a:
                 grads[f"{name}::A"] = a
-    reference = sent[max(manifest.ranks)].head
-    heads = _average_heads([(n, {k: v - reference[k] for k, v in a.head.items()})
-                            for n, (_, a) in zip(counts, ordered)])
-    grads.update({HEAD + name: value for name, value in heads.items()})
+    statistics = [a.statistics for _, a in ordered if a.statistics is not None]
+    if not statistics:
+        reference = sent[max(manifest.ranks)].head
+        heads = _average_heads([(n, {k: v - reference[k] for k, v in a.head.items()})
+                                for n, (_, a) in zip(counts, ordered)])
+        grads.update({HEAD + name: value for name, value in heads.items()})
     new_state = step(state, grads, optimizer)
+    if statistics:
+        (weight, bias), pooled = solved_head({k: v for k, v in state.moments.items() if k in STATISTICS_KEYS},
+                                             statistics, sample_cap)
+        new_state.params[HEAD + str(manifest.output_weight)] = weight
+        new_state.params[HEAD + str(manifest.output_bias)] = bias
+        new_state.moments.update(pooled)
     tiers, svds = tier_adapters(new_state, layers, manifest.ranks, filler)
     return tiers, replace(result, global_state=svds), new_state

@@ -69,7 +69,8 @@ class ServerOptimizer:
 @dataclass
 class ServerState:
     """The global adapter (`params`: "<layer>::W", or "<layer>::A"/"::B", and "head::<name>") and the
-    optimizer's moments (`moments`: "m::<key>", "v::<key>") after `step` server steps."""
+    optimizer's moments (`moments`: "m::<key>", "v::<key>"; with a closed-form head also the pooled
+    feature statistics "stats::gram", "stats::sums", "stats::counts") after `step` server steps."""
 
     form: StateForm
     step: int
@@ -84,7 +85,7 @@ class ServerState:
     def from_bytes(cls, data: bytes, form: StateForm) -> ServerState:
         tensors = load(data)
         params = {k[len("param::"):]: v for k, v in tensors.items() if k.startswith("param::")}
-        moments = {k: v for k, v in tensors.items() if k.startswith(("m::", "v::"))}
+        moments = {k: v for k, v in tensors.items() if k.startswith(("m::", "v::", "stats::"))}
         return cls(form, int(tensors["step"][0]), params, moments)
 
 

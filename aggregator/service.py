@@ -33,7 +33,7 @@ from edge_sdk.protocol import (
     UnsupportedVersionError, decode_adapter, decode_message, encode_message, max_payload_bytes, split_payload,
 )
 from edge_sdk.protocol.adapter import Adapter
-from edge_sdk.protocol.manifest import bundle_id, read_manifest
+from edge_sdk.protocol.manifest import Manifest, bundle_id, read_manifest
 from edge_sdk.protocol.ranking import RankPolicy
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
 
@@ -71,6 +71,24 @@ class AggregatorOptions:
         return max(self.min_clients, min(wanted, online))
 
 
+def check_head_options(options: AggregatorOptions, manifest: Manifest) -> None:
+    """Raise ValueError for head-related training options the bundle or the federation cannot run."""
+    tau = options.training.logit_adjustment
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"logit_adjustment must be a finite τ ≥ 0, got {tau}.")
+    if tau and manifest.output_bias not in manifest.head_parameters:
+        raise ValueError("Logit adjustment needs a bundle that trains the head's output bias: "
+                         "export it with --train-head, or set logit adjustment to 0.")
+    if not options.training.feature_statistics:
+        return
+    if manifest.feature_width is None or manifest.output_bias is None:
+        raise ValueError("A closed-form head needs a bundle with a trainable output layer and its features output: "
+                         "re-export it with this fedpeft-export and --train-head.")
+    if options.head != "shared" or options.server_optimizer is None:
+        raise ValueError("A closed-form head is solved by the server for everyone: run it with the head shared "
+                         "and a server optimizer (--server-opt).")
+
+
 @dataclass
 class _Round:
     """What the open round has gathered so far (memory mirror of the state dir)."""
@@ -102,12 +120,7 @@ class Aggregator:
                              "export it with `fedpeft-export --proximal`.")
         if not (math.isfinite(options.sample_cap) and options.sample_cap >= 1):
             raise ValueError(f"sample_cap must be a finite number ≥ 1, got {options.sample_cap}.")
-        tau = options.training.logit_adjustment
-        if not (math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"logit_adjustment must be a finite τ ≥ 0, got {tau}.")
-        if tau and self.manifest.output_bias not in self.manifest.head_parameters:
-            raise ValueError("Logit adjustment needs a bundle that trains the head's output bias: "
-                             "export it with --train-head, or set logit adjustment to 0.")
+        check_head_options(options, self.manifest)
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
         self.store = StateDir(options.state_dir)
@@ -386,7 +399,7 @@ class Aggregator:
         except CodecError as err:
             self._reject(sender, f"{type(err).__name__}: {err}", None)
             return
-        reason = self._refusal(sender, header, current)
+        reason = self._refusal(sender, header, current) or self._statistics_refusal(header, adapter)
         if reason is not None:
             self._reject(sender, reason, header.round)
             return
@@ -417,6 +430,18 @@ class Aggregator:
             return f"rank {header.rank} is not the tier r={announced.rank} the client announced"
         if header.head != (self.options.head == "shared" and bool(self.manifest.head_parameters)):
             return f"head {'sent' if header.head else 'missing'} but the federation keeps it {self.options.head}"
+        return None
+
+    def _statistics_refusal(self, header: AdapterHeader, adapter: Adapter) -> str | None:
+        """Feature statistics are sent exactly when asked for, over no more examples than the round trained."""
+        training = self.options.training
+        if adapter.statistics is None:
+            return "feature statistics missing: this federation asks for them" if training.feature_statistics else None
+        if not training.feature_statistics:
+            return "feature statistics sent, but this federation does not ask for them"
+        trained = training.steps * training.batch_size if training.steps else training.epochs * header.num_samples
+        if adapter.statistics.samples > trained:
+            return f"feature statistics over {adapter.statistics.samples} examples, more than the round trains ({trained})"
         return None
 
     def _reject(self, sender: str, reason: str, round_number: int | None) -> None:

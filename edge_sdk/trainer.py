@@ -19,6 +19,7 @@ from edge_sdk.memory import peak_rss_bytes
 from edge_sdk.ort_training import Optimizer, ort
 from edge_sdk.protocol.adapter import Adapter, adapter_from_parameters, adapter_to_parameters
 from edge_sdk.protocol.messages import HeadMode, Schedule
+from edge_sdk.protocol.statistics import FeatureStatistics
 
 CLASSIFICATION_TASKS = ("seq-cls", "img-cls")
 
@@ -39,6 +40,8 @@ class FitReport:
     cpu_seconds: float
     losses: list[float]
     peak_rss_bytes: int
+    statistics: FeatureStatistics | None = None
+    """With `fit(feature_statistics=True)`: the head-input features' statistics of the batches trained on."""
 
     @property
     def mean_loss(self) -> float:
@@ -157,6 +160,7 @@ class Trainer:
         bucketing: bool = True,
         proximal_mu: float = 0.0,
         logit_adjustment: float = 0.0,
+        feature_statistics: bool = False,
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> FitReport:
@@ -166,6 +170,8 @@ class Trainer:
         from (the received global adapter), pulling local training back toward them; it needs a
         `--proximal` bundle. `logit_adjustment` τ > 0 trains with logit-adjusted cross-entropy on
         the local label prior (`_logit_adjusted`; the losses reported are the adjusted ones).
+        `feature_statistics` sums each trained batch's head-input features (as the training graph
+        computes them, before that step's update) into `FitReport.statistics`.
         `on_step(step, loss)` reports progress; `should_stop()` ends training early between steps.
         """
         examples = self._materialize(data)
@@ -181,6 +187,8 @@ class Trainer:
         self.opened.module.train()
         losses: list[float] = []
         samples = tokens = padded = 0
+        stats = (FeatureStatistics.zeros(len(self.manifest.labels), self.manifest.feature_width or 0)
+                 if feature_statistics else None)
         start, cpu_start = time.perf_counter(), time.process_time()
         with self._logit_adjusted(examples, logit_adjustment):
             for epoch in range(math.ceil(total / per_epoch)):
@@ -188,21 +196,29 @@ class Trainer:
                     if len(losses) == total or (should_stop is not None and should_stop()):
                         break
                     self.optimizer.set_learning_rate(learning_rate(len(losses), total, lr, schedule, warmup_steps))
-                    feeds = self.encoder(batch)
-                    loss, _ = self.opened.run(self._inputs(feeds), _labels(batch), proximal_mu, anchors)
-                    self.optimizer.step()
-                    self.opened.module.lazy_reset_grad()
-                    losses.append(float(loss))
-                    samples += len(batch)
-                    mask = feeds.get("attention_mask", np.zeros(0, dtype=np.int64))
-                    tokens, padded = tokens + int(mask.sum()), padded + int(mask.size)
+                    loss, real, fed = self._step(batch, proximal_mu, anchors, stats)
+                    losses.append(loss)
+                    samples, tokens, padded = samples + len(batch), tokens + real, padded + fed
                     if on_step is not None:
                         on_step(len(losses), losses[-1])
         return FitReport(
             steps=len(losses), samples=samples, tokens=tokens, padded_tokens=padded,
             wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, losses=losses,
-            peak_rss_bytes=peak_rss_bytes(),
+            peak_rss_bytes=peak_rss_bytes(), statistics=stats,
         )
+
+    def _step(self, batch: list[Example], proximal_mu: float, anchors: Mapping[str, np.ndarray] | None,
+              stats: FeatureStatistics | None) -> tuple[float, int, int]:
+        """One optimizer step on `batch`, its features summed into `stats` when given: (loss, tokens, padded tokens)."""
+        feeds, targets = self.encoder(batch), _labels(batch)
+        loss, _, *features = self.opened.run(self._inputs(feeds), targets, proximal_mu, anchors,
+                                             with_features=stats is not None)
+        if stats is not None:
+            stats.add(features[0], targets)
+        self.optimizer.step()
+        self.opened.module.lazy_reset_grad()
+        mask = feeds.get("attention_mask", np.zeros(0, dtype=np.int64))
+        return float(loss), int(mask.sum()), int(mask.size)
 
     def evaluate(self, data: Dataset, batch_size: int = 16) -> EvalReport:
         """Loss, accuracy, macro-F1 (and ROC AUC for two classes) on `data` with the eval graph (dropout off).

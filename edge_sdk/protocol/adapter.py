@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_sdk.protocol.manifest import Manifest
+from edge_sdk.protocol.statistics import FeatureStatistics
 
 Factors = tuple[np.ndarray, np.ndarray]
 
@@ -17,12 +18,14 @@ class Adapter:
     """LoRA factors at one rank: layer → (A: r × in, B: out × r), ΔW = (alpha / r)·B·A.
 
     `head` maps the task head's parameter names (manifest vocabulary) to arrays; it is empty
-    when the head is frozen or kept local to the device.
+    when the head is frozen or kept local to the device. `statistics`: the feature statistics of
+    the examples a device trained on, when the federation asks for them (closed-form head).
     """
 
     rank: int
     lora: dict[str, Factors]
     head: dict[str, np.ndarray] = field(default_factory=dict)
+    statistics: FeatureStatistics | None = None
 
     @property
     def num_values(self) -> int:

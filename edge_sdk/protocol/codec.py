@@ -4,7 +4,9 @@ Layout (`framing`): MAGIC (8 bytes) | header length (uint32 little-endian) | JSO
 The header says who sent what (federation, round, client, rank, sample count, metrics, dtype)
 and carries a SHA-256 over the rest of the header and the safetensors bytes (corruption of either
 is caught; who sent it is the broker's to vouch for: a device may publish on its own topic only). Tensors are named `<layer>::A`, `<layer>::B`
-and `head::<parameter>`; int8 tensors carry a float32 `<name>::scale` per rank component.
+and `head::<parameter>`; int8 tensors carry a float32 `<name>::scale` per rank component. Feature
+statistics, when sent, are `stats::gram` (its upper triangle, row by row), `stats::sums` (float32
+whatever the dtype: they are sums) and `stats::counts` (int64).
 Decoding checks everything against the bundle manifest before returning anything: a payload is
 either wholly valid or rejected with one of the distinct `CodecError` subclasses below. No
 pickle anywhere: JSON and safetensors only.
@@ -27,6 +29,7 @@ from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.framing import PREFIX, frame, unframe
 from edge_sdk.protocol.manifest import Manifest
 from edge_sdk.protocol.messages import DType
+from edge_sdk.protocol.statistics import FeatureStatistics, StatisticsError
 
 MAGIC = b"FEDPEFT\x00"
 FORMAT = "fedpeft-adapter"
@@ -96,6 +99,13 @@ class NonFiniteError(CodecError):
     """A tensor holds NaN, Inf or a value beyond ±MAX_ABS_VALUE."""
 
 
+class BadStatisticsError(CodecError):
+    """Feature statistics that are incomplete, of the wrong shape, or impossible for real features."""
+
+
+STATISTICS_KEYS = ("stats::gram", "stats::sums", "stats::counts")
+
+
 @dataclass(frozen=True)
 class AdapterHeader:
     """Who sent an adapter and what it describes."""
@@ -116,6 +126,10 @@ def max_payload_bytes(manifest: Manifest) -> int:
     tensors = 2 * len(tier.lora_pairs) + len(manifest.head_parameters)
     values = sum(p.a_shape[0] * p.a_shape[1] + p.b_shape[0] * p.b_shape[1] for p in tier.lora_pairs)
     values += sum(int(np.prod(shape)) for shape in manifest.head_shapes.values())
+    width = manifest.feature_width
+    if width is not None:
+        values += width * (width + 1) // 2 + (width + 2) * len(manifest.labels)
+        tensors += len(STATISTICS_KEYS)
     return 4 * values + 512 * tensors + MAX_HEADER_BYTES + PREFIX.size
 
 
@@ -129,6 +143,11 @@ def encode_adapter(adapter: Adapter, header: AdapterHeader) -> bytes:
         tensors.update(_encode_tensor(f"{layer}::B", b, header.dtype, axis=1))
     for name, value in adapter.head.items():
         tensors.update(_encode_tensor(f"head::{name}", value, header.dtype, axis=0))
+    if adapter.statistics is not None:
+        stats = adapter.statistics
+        tensors.update(zip(STATISTICS_KEYS, (
+            stats.gram[np.triu_indices(stats.gram.shape[0])].astype(np.float32),
+            np.ascontiguousarray(stats.sums, dtype=np.float32), stats.counts.astype(np.int64))))
     body = save_tensors(tensors)
     meta = {
         "format": FORMAT, "version": CODEC_VERSION,
@@ -241,7 +260,7 @@ def _adapter_from_tensors(tensors: Mapping[str, np.ndarray], manifest: Manifest,
     head_names = manifest.head_parameters if meta["head"] else []
     keys = [f"{p.layer}::{side}" for p in pairs for side in ("A", "B")] + [f"head::{n}" for n in head_names]
     scaled = {k for k in tensors if k.endswith("::scale")}
-    unknown = sorted(set(tensors) - set(keys) - scaled - {f"{k}::scale" for k in keys})
+    unknown = sorted(set(tensors) - set(keys) - scaled - {f"{k}::scale" for k in keys} - set(STATISTICS_KEYS))
     if unknown:
         raise UnknownTensorError(f"Tensors not in this bundle: {unknown[:5]}.")
     absent = [k for k in keys if k not in tensors]
@@ -270,4 +289,35 @@ def _adapter_from_tensors(tensors: Mapping[str, np.ndarray], manifest: Manifest,
             raise NonFiniteError(f"{name} holds NaN or Inf.")
         if value.size and float(np.abs(value).max()) > MAX_ABS_VALUE:
             raise NonFiniteError(f"{name} holds values beyond ±{MAX_ABS_VALUE:g}.")
-    return Adapter(rank=rank, lora=lora, head=head)
+    return Adapter(rank=rank, lora=lora, head=head, statistics=_statistics(tensors, manifest))
+
+
+def _statistics(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> FeatureStatistics | None:
+    """The payload's feature statistics (None when it carries none), checked by `FeatureStatistics.check`."""
+    present = [k for k in STATISTICS_KEYS if k in tensors]
+    if not present:
+        return None
+    width, classes = manifest.feature_width, len(manifest.labels)
+    if width is None:
+        raise BadStatisticsError("This bundle has no features output, so it takes no feature statistics.")
+    if len(present) != len(STATISTICS_KEYS):
+        raise BadStatisticsError(f"Feature statistics need all of {STATISTICS_KEYS}; got {present}.")
+    packed, sums, counts = (tensors[k] for k in STATISTICS_KEYS)
+    if packed.dtype != np.float32 or sums.dtype != np.float32 or counts.dtype != np.int64:
+        raise BadStatisticsError("Feature statistics must be float32 (gram, sums) and int64 (counts).")
+    if packed.shape != (width * (width + 1) // 2,):
+        raise BadStatisticsError(f"stats::gram has shape {packed.shape}, expected ({width * (width + 1) // 2},): "
+                                 f"the upper triangle of a {width} × {width} matrix.")
+    if counts.shape == (classes,) and not 0 <= int(counts.min()) <= int(counts.max()) <= MAX_COUNT:
+        raise BadStatisticsError(f"stats::counts must lie in [0, {MAX_COUNT}].")
+    gram = np.zeros((width, width))
+    gram[np.triu_indices(width)] = packed
+    gram = gram + np.triu(gram, 1).T
+    stats = FeatureStatistics(gram, sums.astype(np.float64), counts)
+    try:
+        stats.check(classes, width)
+    except StatisticsError as err:
+        raise BadStatisticsError(str(err)) from None
+    if max(float(np.abs(gram).max()), float(np.abs(stats.sums).max())) > MAX_ABS_VALUE * stats.samples:
+        raise BadStatisticsError(f"Feature statistics beyond ±{MAX_ABS_VALUE:g} per example.")
+    return stats
