@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from aggregator.bounds import bounded_counts
+
 from edge_sdk.protocol.codec import STATISTICS_KEYS
 from edge_sdk.protocol.statistics import FeatureStatistics
 
@@ -40,11 +42,14 @@ move as the adapter trains, so the head is solved from about the last 1 / (1 −
 
 
 def bounded_statistics(stats: list[FeatureStatistics], cap: float) -> list[FeatureStatistics]:
-    """Each device's features scaled down so that their mean squared norm is at most `cap` × the round's
-    low median of it: the values are self-reported, like sample counts (`round_merge.bounded_counts`)."""
+    """Each device's statistics bounded like its sample count (`round_merge.bounded_counts`): weighed as
+    at most `cap` × the round's low median of examples, its features scaled down to at most `cap` × the
+    low median of mean squared norm. Both are self-reported."""
     if not stats:
         return []
-    power = [float(np.trace(s.gram)) / s.samples for s in stats]
+    samples = bounded_counts([s.samples for s in stats], cap)
+    stats = [s if n == s.samples else s.weighed(n / s.samples) for s, n in zip(stats, samples)]
+    power = [float(np.trace(s.gram)) / float(s.counts.sum()) for s in stats]
     limit = cap * sorted(power)[(len(power) - 1) // 2]
     return [s.scaled(float(np.sqrt(limit / p))) if p > limit > 0 else s for s, p in zip(stats, power)]
 

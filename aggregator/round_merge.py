@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from aggregator.bounds import SAMPLE_CAP, bounded_counts
 from aggregator.closed_form import solved_head
 from aggregator.server_state import HEAD, ServerOptimizer, ServerState, step, tier_adapters
 from aggregator.strategies import ClientUpdate, MergeResult, get_strategy
@@ -15,20 +16,6 @@ from edge_sdk.protocol import AdapterHeader
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.codec import STATISTICS_KEYS
 from edge_sdk.protocol.manifest import Manifest
-
-SAMPLE_CAP = 4.0
-"""A client's sample count weighs at most this many times the round's low median: n is self-reported,
-so one device claiming 10^6 samples would otherwise own the merge (legitimate size skew at σ 0.5
-stays under 3× the median)."""
-
-
-def bounded_counts(counts: list[int], cap: float = SAMPLE_CAP) -> list[int]:
-    """Each count clipped to `cap` × the low median of `counts` (the median itself when the round is odd)."""
-    if not counts:
-        return []
-    limit = max(1, int(cap * sorted(counts)[(len(counts) - 1) // 2]))
-    return [min(n, limit) for n in counts]
-
 
 def check_strategy(name: str, manifest: Manifest | None = None) -> None:
     """Raise ValueError for an unknown strategy, one the device protocol cannot run, or one `manifest` does not suit."""

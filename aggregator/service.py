@@ -433,15 +433,15 @@ class Aggregator:
         return None
 
     def _statistics_refusal(self, header: AdapterHeader, adapter: Adapter) -> str | None:
-        """Feature statistics are sent exactly when asked for, over no more examples than the round trained."""
+        """Feature statistics are sent exactly when asked for, over no more examples than the device has."""
         training = self.options.training
         if adapter.statistics is None:
             return "feature statistics missing: this federation asks for them" if training.feature_statistics else None
         if not training.feature_statistics:
             return "feature statistics sent, but this federation does not ask for them"
-        trained = training.steps * training.batch_size if training.steps else training.epochs * header.num_samples
-        if adapter.statistics.samples > trained:
-            return f"feature statistics over {adapter.statistics.samples} examples, more than the round trains ({trained})"
+        if adapter.statistics.samples > header.num_samples:
+            return (f"feature statistics over {adapter.statistics.samples} examples, more than the "
+                    f"{header.num_samples} the update declares")
         return None
 
     def _reject(self, sender: str, reason: str, round_number: int | None) -> None:

@@ -223,17 +223,17 @@ class FederatedClient:
         seed = (task.seed + zlib.crc32(self.client_id.encode())) % 2**31
         with self.trainers.lease(rank, self.profile.threads) as trainer:
             trainer.load_state(self._trainable, received)
+            statistics = trainer.feature_statistics(examples) if training.feature_statistics else None
             report = trainer.fit(
                 examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
                 schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,
                 proximal_mu=training.proximal_mu, logit_adjustment=training.logit_adjustment,
-                feature_statistics=training.feature_statistics,
                 on_step=(lambda step, loss: self.on_progress(task.round, step, loss)) if self.on_progress else None,
                 should_stop=self._stop.is_set,
             )
             evaluation = trainer.evaluate(self.eval_data) if self.eval_data else None
             adapter, self._trainable = trainer.get_adapter(), trainer.state()
-        adapter.statistics = report.statistics
+        adapter.statistics = statistics
         metrics = {"train_loss": report.mean_loss, "train_seconds": report.wall_seconds,
                    "train_cpu_seconds": report.cpu_seconds}
         if evaluation is not None:

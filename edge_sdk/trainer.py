@@ -40,8 +40,6 @@ class FitReport:
     cpu_seconds: float
     losses: list[float]
     peak_rss_bytes: int
-    statistics: FeatureStatistics | None = None
-    """With `fit(feature_statistics=True)`: the head-input features' statistics of the batches trained on."""
 
     @property
     def mean_loss(self) -> float:
@@ -160,7 +158,6 @@ class Trainer:
         bucketing: bool = True,
         proximal_mu: float = 0.0,
         logit_adjustment: float = 0.0,
-        feature_statistics: bool = False,
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> FitReport:
@@ -170,8 +167,6 @@ class Trainer:
         from (the received global adapter), pulling local training back toward them; it needs a
         `--proximal` bundle. `logit_adjustment` τ > 0 trains with logit-adjusted cross-entropy on
         the local label prior (`_logit_adjusted`; the losses reported are the adjusted ones).
-        `feature_statistics` sums each trained batch's head-input features (as the training graph
-        computes them, before that step's update) into `FitReport.statistics`.
         `on_step(step, loss)` reports progress; `should_stop()` ends training early between steps.
         """
         examples = self._materialize(data)
@@ -187,8 +182,6 @@ class Trainer:
         self.opened.module.train()
         losses: list[float] = []
         samples = tokens = padded = 0
-        stats = (FeatureStatistics.zeros(len(self.manifest.labels), self.manifest.feature_width or 0)
-                 if feature_statistics else None)
         start, cpu_start = time.perf_counter(), time.process_time()
         with self._logit_adjusted(examples, logit_adjustment):
             for epoch in range(math.ceil(total / per_epoch)):
@@ -196,7 +189,7 @@ class Trainer:
                     if len(losses) == total or (should_stop is not None and should_stop()):
                         break
                     self.optimizer.set_learning_rate(learning_rate(len(losses), total, lr, schedule, warmup_steps))
-                    loss, real, fed = self._step(batch, proximal_mu, anchors, stats)
+                    loss, real, fed = self._step(batch, proximal_mu, anchors)
                     losses.append(loss)
                     samples, tokens, padded = samples + len(batch), tokens + real, padded + fed
                     if on_step is not None:
@@ -204,17 +197,14 @@ class Trainer:
         return FitReport(
             steps=len(losses), samples=samples, tokens=tokens, padded_tokens=padded,
             wall_seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, losses=losses,
-            peak_rss_bytes=peak_rss_bytes(), statistics=stats,
+            peak_rss_bytes=peak_rss_bytes(),
         )
 
-    def _step(self, batch: list[Example], proximal_mu: float, anchors: Mapping[str, np.ndarray] | None,
-              stats: FeatureStatistics | None) -> tuple[float, int, int]:
-        """One optimizer step on `batch`, its features summed into `stats` when given: (loss, tokens, padded tokens)."""
-        feeds, targets = self.encoder(batch), _labels(batch)
-        loss, _, *features = self.opened.run(self._inputs(feeds), targets, proximal_mu, anchors,
-                                             with_features=stats is not None)
-        if stats is not None:
-            stats.add(features[0], targets)
+    def _step(self, batch: list[Example], proximal_mu: float,
+              anchors: Mapping[str, np.ndarray] | None) -> tuple[float, int, int]:
+        """One optimizer step on `batch`: (loss, tokens, padded tokens)."""
+        feeds = self.encoder(batch)
+        loss, _ = self.opened.run(self._inputs(feeds), _labels(batch), proximal_mu, anchors)
         self.optimizer.step()
         self.opened.module.lazy_reset_grad()
         mask = feeds.get("attention_mask", np.zeros(0, dtype=np.int64))
@@ -244,6 +234,24 @@ class Trainer:
             macro_f1=macro_f1(truth, predicted), samples=len(examples), wall_seconds=time.perf_counter() - start,
             roc_auc=roc_auc(truth, np.concatenate(margins)) if margins else None,
         )
+
+    def feature_statistics(self, data: Dataset, batch_size: int = 16) -> FeatureStatistics:
+        """Statistics of the head-input features of `data` (eval graph, dropout off), for a closed-form head.
+
+        Computed at the current parameters, before local training: the features the received global
+        gives, as the server's head will read them.
+        """
+        width = self.manifest.feature_width
+        if width is None:
+            raise ValueError("This bundle has no features output; re-export it with this fedpeft-export.")
+        examples = self._materialize(data)
+        stats = FeatureStatistics.zeros(len(self.manifest.labels), width)
+        self.opened.module.eval()
+        for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
+            targets = _labels(batch)
+            _, _, features = self.opened.run(self._inputs(self.encoder(batch)), targets, with_features=True)
+            stats.add(features, targets)
+        return stats
 
     def get_adapter(self) -> Adapter:
         """The current LoRA factors (and the head when it is shared), copied out of the session."""

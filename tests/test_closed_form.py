@@ -73,14 +73,18 @@ def test_statistics_no_features_could_produce_are_refused(tamper, reason: str) -
         _statistics(*_gaussian_classes(rng, 20)).check(CLASSES, WIDTH + 1)
 
 
-def test_a_device_reporting_inflated_features_is_scaled_to_the_cap() -> None:
+def test_a_device_reporting_inflated_features_or_counts_is_bounded_by_the_cap() -> None:
     rng = np.random.default_rng(2)
     honest = [_statistics(*_gaussian_classes(rng, 10)) for _ in range(4)]
-    hostile = _statistics(*_gaussian_classes(rng, 10)).scaled(1000.0)
-    bounded = bounded_statistics([*honest, hostile], cap=4.0)
+    loud = _statistics(*_gaussian_classes(rng, 10)).scaled(1000.0)
+    many = _statistics(*_gaussian_classes(rng, 10)).weighed(10**6)
+    bounded = bounded_statistics([*honest, loud], cap=4.0)
     power = [np.trace(s.gram) / s.samples for s in bounded]
     assert all(b is s for b, s in zip(bounded[:4], honest)), "honest devices are untouched"
     assert power[4] == pytest.approx(4.0 * sorted(power[:4])[2], rel=1e-9), "cap × the median of all five"
+    weighed = bounded_statistics([*honest, many], cap=4.0)[4]
+    assert weighed.samples == 4 * 30
+    np.testing.assert_allclose(weighed.gram / weighed.samples, many.gram / many.samples, rtol=1e-9)
 
 
 def test_the_server_replaces_the_averaged_head_by_the_solved_one_and_keeps_decayed_statistics() -> None:
@@ -115,8 +119,8 @@ def test_the_server_replaces_the_averaged_head_by_the_solved_one_and_keeps_decay
 
 
 def test_trained_features_feed_the_head_and_their_statistics_cross_the_codec(minilm_bundle: Path) -> None:
-    """On the real bundle: logits = features · Wᵀ + b (eval graph), a fit's statistics count exactly the
-    examples it trained on, survive encoding, and a tampered Gram matrix is refused on decoding."""
+    """On the real bundle: logits = features · Wᵀ + b (eval graph); the statistics of a device's examples
+    are the sums of those features, survive encoding, and a tampered Gram matrix is refused on decoding."""
     from edge_sdk.datasets import rotten_tomatoes
     from edge_sdk.trainer import Trainer
 
@@ -124,15 +128,18 @@ def test_trained_features_feed_the_head_and_their_statistics_cross_the_codec(min
     assert manifest.feature_width == 384
     trainer = Trainer(minilm_bundle, min(manifest.ranks), threads=2)
     examples = rotten_tomatoes()[:40]
+    trainer.fit(examples, steps=2, batch_size=8, lr=1e-2)
     trainer.opened.module.eval()
-    feeds = trainer.encoder(examples[:6])
-    _, logits, features = trainer.opened.run(trainer._inputs(feeds), np.zeros(6, np.int64), with_features=True)
+    labels = np.array([e.label for e in examples])
+    feeds = trainer.encoder(examples)
+    _, logits, features = trainer.opened.run(trainer._inputs(feeds), labels, with_features=True)
     values = trainer.state()
     np.testing.assert_allclose(features @ values[manifest.output_weight].T + values[manifest.output_bias], logits,
                                atol=1e-4)
-    report = trainer.fit(examples, steps=3, batch_size=8, lr=1e-2, feature_statistics=True)
-    stats = report.statistics
-    assert stats is not None and stats.samples == 24 == report.samples
+    stats = trainer.feature_statistics(examples)
+    np.testing.assert_array_equal(stats.counts, np.bincount(labels, minlength=2))
+    np.testing.assert_allclose(stats.sums[1], features[labels == 1].sum(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats.gram, features.T.astype(np.float64) @ features, rtol=1e-4, atol=1e-3)
     stats.check(len(manifest.labels), 384)
     adapter = trainer.get_adapter()
     adapter.statistics = stats

@@ -52,8 +52,9 @@ class TrainingConfig:
     """τ of logit-adjusted local cross-entropy: each device trains on logits + τ·log of its own label
     frequencies (0: plain cross-entropy); > 0 needs a trainable head with an output bias."""
     feature_statistics: bool = False
-    """Devices send the feature statistics of the examples they trained on with each update, from
-    which the server solves the head in closed form; needs a bundle with `Manifest.feature_width`."""
+    """Devices send, with each update, the feature statistics of their training examples at the
+    received global, from which the server solves the head in closed form; needs a bundle with
+    `Manifest.feature_width`."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class FeatureStatistics:
 
     @property
     def samples(self) -> int:
-        return int(self.counts.sum())
+        return int(round(float(self.counts.sum())))
 
     def add(self, features: np.ndarray, labels: np.ndarray) -> None:
         """Accumulate a batch: `features` (batch × width), `labels` (batch,) class indices."""
@@ -43,6 +43,10 @@ class FeatureStatistics:
     def scaled(self, factor: float) -> FeatureStatistics:
         """These statistics with every feature multiplied by `factor` (the counts unchanged)."""
         return FeatureStatistics(self.gram * factor**2, self.sums * factor, self.counts.copy())
+
+    def weighed(self, factor: float) -> FeatureStatistics:
+        """These statistics as if over `factor` times as many examples of the same distribution (float counts)."""
+        return FeatureStatistics(self.gram * factor, self.sums * factor, self.counts * factor)
 
     def __add__(self, other: FeatureStatistics) -> FeatureStatistics:
         return FeatureStatistics(self.gram + other.gram, self.sums + other.sums, self.counts + other.counts)
