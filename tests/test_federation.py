@@ -12,7 +12,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_sdk.protocol import decode_adapter
+from aggregator.closed_form import STATISTICS_DECAY, closed_form_head
+from aggregator.state import StateDir
+from edge_sdk.protocol import FeatureStatistics, decode_adapter
+from edge_sdk.protocol.codec import STATISTICS_KEYS
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer import Trainer
 from tests.federation import (
@@ -74,8 +77,9 @@ def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bu
     assert peft_config["r"] == 8
 
 
-@pytest.mark.parametrize("server", [(), ("--server-opt", "adam", "--server-lr", "1e-3", "--strategy", "svd-weighted")],
-                         ids=["replace-merge", "server-adam"])
+@pytest.mark.parametrize("server", [(), ("--server-opt", "adam", "--server-lr", "1e-3", "--strategy", "svd-weighted",
+                                         "--closed-form-head")],
+                         ids=["replace-merge", "server-adam-closed-form-head"])
 def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninterrupted_run(
         minilm_bundle, mosquitto, tmp_path, server):
     pool, _ = rotten_tomatoes_split()
@@ -114,6 +118,21 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
         np.testing.assert_allclose(resumed.lora[layer][1], b, rtol=0, atol=1e-6)
     for name, value in uninterrupted.head.items():
         np.testing.assert_allclose(resumed.head[name], value, rtol=0, atol=1e-6)
+    if "--closed-form-head" in server:
+        _check_closed_form_head(tmp_path / "crashed", read_manifest(minilm_bundle))
+
+
+def _check_closed_form_head(state, manifest) -> None:
+    """The server's pooled statistics are the decayed sum of the accepted updates' own, and the global
+    head is their linear discriminant."""
+    counts = [sum(decode_adapter(path.read_bytes(), manifest)[1].statistics.counts
+                  for path in (state / "rounds" / f"{r:04d}" / "updates").glob("*.fpa")) for r in (1, 2)]
+    saved = StateDir(state).server_state(2, "exact")
+    np.testing.assert_allclose(saved.moments["stats::counts"], STATISTICS_DECAY * counts[0] + counts[1], rtol=1e-6)
+    weight, bias = closed_form_head(FeatureStatistics(*(saved.moments[k].astype(np.float64) for k in STATISTICS_KEYS)))
+    head = _global(state, 2, 8, manifest).head
+    np.testing.assert_allclose(head[manifest.output_bias], bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head[manifest.output_weight], weight, rtol=1e-5, atol=1e-4)
 
 
 def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundle, mosquitto, tmp_path):
