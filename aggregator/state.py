@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save
 
 from aggregator.server_state import ServerState, StateForm
@@ -118,7 +119,12 @@ class StateDir:
     def server_state(self, round_number: int, form: StateForm) -> ServerState | None:
         """The server's global adapter and optimizer moments after `round_number` (0: the start), if saved."""
         path = self.round_dir(round_number) / SERVER_STATE_FILE
-        return ServerState.from_bytes(path.read_bytes(), form) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return ServerState.from_bytes(path.read_bytes(), form)
+        except (SafetensorError, KeyError, ValueError) as err:
+            raise StateError(f"{path} is unreadable ({err}); restore it from a backup or start a new --state-dir.") from None
 
     def save_metrics(self, round_number: int, record: dict) -> None:
         write_atomic(self.round_dir(round_number) / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())

@@ -127,3 +127,14 @@ def test_a_low_tier_client_does_not_pull_the_global_to_its_truncation() -> None:
                                   state, ServerOptimizer("sgd", lr=1.0, beta1=0.0), _Manifest(), filler)
     for n in LAYERS:
         np.testing.assert_allclose(new.params[f"{n}::W"], w[n], atol=1e-5)
+
+
+def test_a_corrupt_server_state_is_a_state_error_that_says_what_to_do(tmp_path) -> None:
+    from aggregator.state import StateDir, StateError
+
+    store = StateDir(tmp_path)
+    store.save_server_state(3, initial_state(_start(np.random.default_rng(0)), LAYERS, "exact"))
+    path = store.round_dir(3) / "server-state.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StateError, match="unreadable .* new --state-dir"):
+        store.server_state(3, "exact")
