@@ -89,6 +89,10 @@ def check_head_options(options: AggregatorOptions, manifest: Manifest) -> None:
                          "and a server optimizer (--server-opt).")
 
 
+MAX_TOLD = 10_000
+"""Distinct (round, sender, reason) rejections remembered so as to be logged and notified only once."""
+
+
 @dataclass
 class _Round:
     """What the open round has gathered so far (memory mirror of the state dir)."""
@@ -133,6 +137,7 @@ class Aggregator:
         self.online: dict[str, ClientStatus] = {}
         self.records: list[RoundRecord] = []
         self.rejections_total = 0
+        self._told: set[tuple[int | None, str, str]] = set()
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._reassembler = Reassembler(self.max_update_bytes)
         self._round: _Round | None = None
@@ -445,11 +450,19 @@ class Aggregator:
         return None
 
     def _reject(self, sender: str, reason: str, round_number: int | None) -> None:
-        log.warning("update from %s rejected: %s", sender, reason)
+        """Count every rejection; log it and notify the sender once per sender and reason while the round
+        stays the same, so a flood of refused chunks costs counters only, not a log line and a notice each."""
         self.rejections_total += 1
+        key = (self._round.task.round if self._round is not None else None, sender, reason)
         if self._round is not None:
             self._round.rejected[sender] = reason
             self._round.rejections += 1
+        if key in self._told:
+            return
+        if len(self._told) >= MAX_TOLD:
+            self._told.clear()
+        self._told.add(key)
+        log.warning("update from %s rejected: %s", sender, reason)
         self._notice(sender, "rejected", reason, round_number)
 
     def _notice(self, client: str, verdict: str, reason: str, round_number: int | None) -> None:

@@ -77,7 +77,8 @@ def _malformed(adapters, manifest, federation: str, round_number: int, rng: rand
     return cases
 
 
-def _federation(bundle, broker, adapters, tmp_path, name: str, fuzz: bool, caplog) -> tuple[Adapter, dict, int]:
+def _federation(bundle, broker, adapters, tmp_path, name: str, fuzz: bool,
+                caplog) -> tuple[Adapter, dict, int, int]:
     settings = BrokerSettings.from_url(broker.url)
     manifest = read_manifest(bundle)
     aggregator, thread, errors = aggregator_thread(
@@ -85,13 +86,13 @@ def _federation(bundle, broker, adapters, tmp_path, name: str, fuzz: bool, caplo
     )
     clients = {cid: ReplayClient(settings, name, cid, adapters[key].rank).join() for cid, key in CLIENTS.items()}
     task = next(iter(clients.values())).next_task()
-    sent = 0
+    sent = distinct = 0
     if fuzz:
         mallory = ReplayClient(settings, name, "mallory", 2).join()
         cases = _malformed(adapters, manifest, name, task.round, random.Random(0))
         for sender in sorted({s for s, _ in cases}):
             mallory.send_raw(f"fedpeft/{name}/clients/{sender}/update", [m for s, m in cases if s == sender])
-        sent = len(cases)
+        sent, distinct = len(cases), len(set(cases))
         wait_for(lambda: aggregator.rejections_total >= sent - 4, 300, "every malformed payload to be handled")
         assert thread.is_alive(), errors
         mallory.close()
@@ -106,17 +107,20 @@ def _federation(bundle, broker, adapters, tmp_path, name: str, fuzz: bool, caplo
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "the aggregator must only log warnings"
     record = aggregator.records[0]
     payload = (tmp_path / name / "rounds" / "0001" / "global-r8.fpa").read_bytes()
-    return decode_adapter(payload, manifest)[1], record, sent
+    return decode_adapter(payload, manifest)[1], record, sent, distinct
 
 
 def test_a_thousand_malformed_updates_are_dropped_and_change_nothing(minilm_bundle, trained_adapters, mosquitto,
                                                                     tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="fedpeft")
-    clean, clean_record, _ = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "clean", False, caplog)
-    fuzzed, record, sent = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "fuzzed", True, caplog)
+    clean, clean_record, *_ = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "clean", False, caplog)
+    fuzzed, record, sent, distinct = _federation(minilm_bundle, mosquitto, trained_adapters, tmp_path, "fuzzed",
+                                                 True, caplog)
     assert sent >= 1000
     assert record.participants == clean_record.participants == sorted(CLIENTS)
     assert record.rejected >= sent - 4
+    logged = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert 0 < len(logged) <= distinct, "a repeated refusal is logged (and notified) once per sender and reason"
     reasons = " ".join(record.rejected_reasons.values())
     assert "forged sender" in record.rejected_reasons["mallory"] or "not sampled" in reasons
     for layer, (a, b) in clean.lora.items():
