@@ -1,6 +1,8 @@
-"""Bounds on what devices report about themselves: their sample counts weigh at most a cap × the round's median."""
+"""Bounds on what devices send: sample counts and update norms weigh at most a cap × the round's median."""
 
 from __future__ import annotations
+
+import numpy as np
 
 SAMPLE_CAP = 4.0
 """A client's sample count weighs at most this many times the round's low median: n is self-reported,
@@ -14,3 +16,18 @@ def bounded_counts(counts: list[int], cap: float = SAMPLE_CAP) -> list[int]:
         return []
     limit = max(1, int(cap * sorted(counts)[(len(counts) - 1) // 2]))
     return [min(n, limit) for n in counts]
+
+
+NORM_CAP = 4.0
+"""An update counts with at most this many times the low median of its layer's update norms in the round.
+The norm is the server's own ‖ΔW_i‖_F, but the device chooses ΔW_i: an honest update ×1000 would
+otherwise take ~99% of svd-weighted's n·‖ΔW‖ weights. Honest outliers exist too (stop 18, α=0.1: one
+device's update at 33× the round's median)."""
+
+
+def norm_clip(norms: np.ndarray, cap: float = NORM_CAP) -> np.ndarray:
+    """Factors in (0, 1] per (layer, client) of `norms` (layers × clients) that scale each update down to
+    at most `cap` × its layer's low median norm (1 where that median is 0)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    limit = cap * np.sort(norms, axis=-1)[..., (norms.shape[-1] - 1) // 2][..., None]
+    return np.where((norms > limit) & (limit > 0), limit / np.where(norms > 0, norms, 1.0), 1.0)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.bounds import NORM_CAP
 from aggregator.round_merge import SAMPLE_CAP, bounded_counts, merge_round
-from edge_sdk.protocol import AdapterHeader
+from edge_sdk.protocol import Adapter, AdapterHeader
 from edge_sdk.protocol.manifest import read_manifest
 
 
@@ -35,3 +36,20 @@ def test_a_device_claiming_a_million_samples_weighs_as_the_cap_allows(minilm_bun
         assert weights == capped.weights[layer]
     for name, value in tiers[8].head.items():
         np.testing.assert_array_equal(value, capped_tiers[8].head[name])
+
+
+def test_an_update_scaled_a_thousandfold_weighs_as_the_norm_cap_allows(minilm_bundle: Path, trained_adapters) -> None:
+    """Its ‖ΔW‖ counts at most NORM_CAP × the round's low median, in the weights and in the merge: its share
+    falls from ~99% to at most cap / (cap + k − 1), and the merged ΔW_g stays within the honest scale."""
+    manifest = read_manifest(minilm_bundle)
+    honest, other = trained_adapters["r8-0"], trained_adapters["r8-1"]
+    loud = Adapter(8, {k: (a, b * 1000.0) for k, (a, b) in other.lora.items()}, other.head)
+    updates = {f"dev{i}": (AdapterHeader("f", 1, f"dev{i}", 8, 100), honest) for i in range(3)}
+    updates["mallory"] = (AdapterHeader("f", 1, "mallory", 8, 100), loud)
+    _, result = merge_round("svd-weighted", updates, manifest)
+    cap = NORM_CAP / (NORM_CAP + 3)
+    for layer, weights in result.weights.items():
+        assert weights["mallory"] <= cap + 1e-9, (layer, weights)
+        a, b = honest.lora[layer]
+        honest_norm = np.linalg.norm(manifest.lora.alpha / 8 * b.astype(np.float64) @ a)
+        assert np.linalg.norm(result.global_state[layer].dense()) <= NORM_CAP * honest_norm * (1 + 1e-6)

@@ -39,9 +39,13 @@ def tier_delta(result, layers, rank: int, name: str) -> np.ndarray:
 
 
 def exact_svd_weighted(updates, layers, name) -> np.ndarray:
+    """Σ w_i c_i ΔW_i with c_i clipping each ‖ΔW_i‖ to 4 × the low median norm and w_i ∝ n_i‖c_i ΔW_i‖."""
     d = [delta(u, layers, name) for u in updates]
-    raw = np.array([u.num_samples * np.linalg.norm(x) for u, x in zip(updates, d)])
-    return sum(w * x for w, x in zip(raw / raw.sum(), d))
+    norms = np.array([np.linalg.norm(x) for x in d])
+    limit = 4.0 * np.sort(norms)[(len(norms) - 1) // 2]
+    clip = np.minimum(1.0, limit / norms)
+    raw = np.array([u.num_samples for u in updates]) * norms * clip
+    return sum(w * c * x for w, c, x in zip(raw / raw.sum(), clip, d))
 
 
 def truncate(matrix: np.ndarray, rank: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The shared exact merge: ΔW_g = Σ w_i s_i B_i A_i in factored form, then per-tier truncation.
+"""The shared exact merge: ΔW_g = Σ w_i c_i s_i B_i A_i in factored form (c_i: the norm clip), then per-tier truncation.
 
 svd-weighted and flexlora differ only in the client weights they pass in.
 """
@@ -11,6 +11,7 @@ from itertools import groupby
 
 import numpy as np
 
+from aggregator.bounds import norm_clip
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult, SvdFactors
 from aggregator.strategies.linalg import product_norms, redistribute, svd_of_product
 from aggregator.strategies.validate import accepted_or_raise
@@ -26,7 +27,11 @@ def merge_exact(
     weight_fn: WeightFn,
     global_rank: int | None = None,
 ) -> MergeResult:
-    """Validate, weight and merge; each tier gets the best rank-r factors of ΔW_g."""
+    """Validate, weight and merge; each tier gets the best rank-r factors of ΔW_g.
+
+    Each update is first scaled down to at most `bounds.NORM_CAP` × its layer's low median norm
+    (`norm_clip`); the weights see the clipped norms.
+    """
     accepted, rejected, n = accepted_or_raise(updates, layers, ranks, order=lambda u: u.rank)
     client_ranks = np.array([u.rank for u in accepted])
     widths = np.array([u.rank * (1 if u.sent is None else 2) for u in accepted])
@@ -35,8 +40,10 @@ def merge_exact(
     for group in _shape_groups(layers).values():
         pt, q = _stacked(accepted, group)
         scales = np.array([layers[group[0]].scaling(int(r)) for r in client_ranks])
-        w = weight_fn(n, _norms(pt, q, widths, scales))
-        pt *= np.repeat(w * scales, widths, axis=1)[:, :, None].astype(pt.dtype)
+        norms = _norms(pt, q, widths, scales)
+        clip = norm_clip(norms)
+        w = weight_fn(n, norms * clip)
+        pt *= np.repeat(w * scales * clip, widths, axis=1)[:, :, None].astype(pt.dtype)
         for name, row, factors in zip(group, w, svd_of_product(np.swapaxes(pt, 1, 2), q, global_rank)):
             global_state[name] = factors
             weights[name] = {u.client_id: float(x) for u, x in zip(accepted, row)}
