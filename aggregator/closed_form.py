@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from aggregator.bounds import bounded_counts
-
 from edge_sdk.protocol.codec import STATISTICS_KEYS
 from edge_sdk.protocol.statistics import FeatureStatistics
 
@@ -45,7 +44,7 @@ move as the adapter trains, so the head is solved from about the last 1 / (1 −
 
 
 def bounded_statistics(stats: list[FeatureStatistics], cap: float) -> list[FeatureStatistics]:
-    """Each device's statistics bounded like its sample count (`round_merge.bounded_counts`): weighed as
+    """Each device's statistics bounded like its sample count (`bounds.bounded_counts`): weighed as
     at most `cap` × the round's low median of examples, its features scaled down to at most `cap` × the
     low median of mean squared norm. Both are self-reported."""
     if not stats:
@@ -69,7 +68,8 @@ def pooled(saved: dict[str, np.ndarray], stats: list[FeatureStatistics], decay: 
 
 def as_tensors(stats: FeatureStatistics) -> dict[str, np.ndarray]:
     """The pooled statistics as float32 tensors under `STATISTICS_KEYS`, for the server state."""
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in zip(STATISTICS_KEYS, (stats.gram, stats.sums, stats.counts))}
+    values = (stats.gram, stats.sums, stats.counts)
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in zip(STATISTICS_KEYS, values)}
 
 
 def solved_head(saved: dict[str, np.ndarray], stats: list[FeatureStatistics], cap: float,
