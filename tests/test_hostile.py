@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from aggregator.bounds import NORM_CAP
 from aggregator.round_merge import SAMPLE_CAP, bounded_counts, merge_round
@@ -53,3 +54,21 @@ def test_an_update_scaled_a_thousandfold_weighs_as_the_norm_cap_allows(minilm_bu
         a, b = honest.lora[layer]
         honest_norm = np.linalg.norm(manifest.lora.alpha / 8 * b.astype(np.float64) @ a)
         assert np.linalg.norm(result.global_state[layer].dense()) <= NORM_CAP * honest_norm * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg-naive", "hetlora", "ffa-lora"])
+def test_factor_merges_bound_a_thousandfold_b_like_the_exact_ones(minilm_bundle: Path, trained_adapters, strategy) -> None:
+    """The padded and frozen-A merges scale each B (and A) to at most NORM_CAP × the round's low median
+    norm before averaging: the merged B stays within NORM_CAP × the honest one (unclipped: ~250×)."""
+    manifest = read_manifest(minilm_bundle)
+    honest = trained_adapters["r8-0"]
+    loud = Adapter(8, {k: (a, b * 1000.0) for k, (a, b) in honest.lora.items()}, honest.head)
+    updates = {f"dev{i}": (AdapterHeader("f", 1, f"dev{i}", 8, 100), honest) for i in range(3)}
+    updates["mallory"] = (AdapterHeader("f", 1, "mallory", 8, 100), loud)
+    tiers, result = merge_round(strategy, updates, manifest)
+    assert not result.rejected
+    for layer, (a, b) in honest.lora.items():
+        merged_a, merged_b = tiers[8].lora[layer]
+        assert np.linalg.norm(merged_b) <= NORM_CAP * np.linalg.norm(b) * (1 + 1e-6), layer
+        assert np.linalg.norm(merged_a) <= NORM_CAP * np.linalg.norm(a) * (1 + 1e-6), layer
+        assert max(result.weights[layer].values()) <= NORM_CAP / (NORM_CAP + 3) + 1e-9

@@ -2,7 +2,8 @@
 
 With A shared, Σ w_i B_i A = (Σ w_i B_i) A is exact and linear in the uploads, which is what lets it
 compose with secure aggregation. Heterogeneous ranks share the first r rows of one A. A client whose
-A differs from the shared one broke the protocol and is rejected.
+A differs from the shared one broke the protocol and is rejected. Each B_i (or its update) is first
+scaled down to at most `bounds.NORM_CAP` × the layer's low median norm.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from aggregator.bounds import norm_clip
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.linalg import svd_of_product
 from aggregator.strategies.validate import accepted_or_raise
@@ -35,9 +37,11 @@ def ffa_lora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], r
     tiers: dict[int, dict] = {r: {} for r in sorted(set(ranks))}
     global_state, weights = {}, {}
     for name, spec in layers.items():
+        deltas = [u.factors[name][1] - (u.sent[name][1] if u.sent is not None else 0.0) for u in kept]
+        clip = norm_clip(np.array([np.linalg.norm(d) for d in deltas]))
         b_g = np.zeros((spec.out_features, top))
-        for wi, u in zip(w, kept):
-            b_g[:, : u.rank] += wi * (u.factors[name][1] - (u.sent[name][1] if u.sent is not None else 0.0))
+        for wi, ci, u, d in zip(w, clip, kept, deltas):
+            b_g[:, : u.rank] += wi * ci * d
         a = shared[name]
         for r in tiers:
             a_r = np.zeros((r, spec.in_features), dtype=a.dtype)

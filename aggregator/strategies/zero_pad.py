@@ -1,6 +1,8 @@
 """Shared core of the zero-padding baselines: average A and B separately at the largest rank.
 
 This is inexact by construction: mean(B)·mean(A) ≠ mean(B·A) (the cross terms B_i A_j remain).
+Each client's A and B (or their updates) are first scaled down to at most `bounds.NORM_CAP` × the
+layer's low median norm, as the exact merges do with ΔW_i.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from aggregator.bounds import norm_clip
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.linalg import product_norms, svd_of_product
 from aggregator.strategies.validate import accepted_or_raise
@@ -37,7 +40,10 @@ def merge_padded(
             a0, b0 = u.sent[name] if u.sent is not None else (0.0, 0.0)
             a_pad[i, : u.rank] = a - a0
             b_pad[i, :, : u.rank] = b - b0
+        a_pad *= norm_clip(np.linalg.norm(a_pad, axis=(1, 2)))[:, None, None]
+        b_pad *= norm_clip(np.linalg.norm(b_pad, axis=(1, 2)))[:, None, None]
         norms = np.array([product_norms(1.0, b[None], a[None])[0] for a, b in (u.factors[name] for u in accepted)])
+        norms *= norm_clip(norms)
         w = weight_fn(n, norms)
         a_g = np.tensordot(w, a_pad, axes=1)
         b_g = np.tensordot(w, b_pad, axes=1)
