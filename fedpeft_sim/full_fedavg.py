@@ -34,7 +34,7 @@ def run_full_fedavg(config: SimConfig) -> dict:
     if not manifest.lora.full_finetune:
         raise ValueError(f"{config.bundle} is not a --full-finetune bundle; export one with fedpeft-export --full-finetune.")
     started = time.perf_counter()
-    clients, central, central_test = prepare_run(config)
+    clients, central, final = prepare_run(config)
     trainer = Trainer(config.bundle, min(manifest.ranks))
     weights = trainer.state()
     model_bytes = BYTES_PER_FLOAT32 * sum(v.size for name, v in weights.items() if name in manifest.head_shapes)
@@ -62,13 +62,13 @@ def run_full_fedavg(config: SimConfig) -> dict:
             weights = {name: (value / total).astype(np.float32) for name, value in sums.items()}
         trainer.load_state(weights)
         last = round_number == config.rounds
-        row = _row(round_number, trainer.evaluate(central_test if last else central), len(present) * model_bytes,
+        row = _row(round_number, trainer.evaluate(final if last else central), len(present) * model_bytes,
                    full_fedavg_upload_bytes(reference, len(present)), energy, seconds)
         row["round_seconds"] = round(time.perf_counter() - round_started, 3)
         if last or round_number % config.local_eval_every == 0:
             accuracy = {c.client_id: trainer.evaluate(c.test).accuracy for c in clients}
             row.update(local_summary(clients, accuracy, {min(manifest.ranks): row["central_accuracy"] if last
-                                                         else trainer.evaluate(central_test).accuracy}))
+                                                         else trainer.evaluate(final).accuracy}))
         rows.append(row)
         log.info("full-fedavg round %d: central accuracy %.3f, %d participants", round_number,
                  row["central_accuracy"], len(present))

@@ -18,13 +18,14 @@ from fedpeft_sim.simulation import load_data, subset
 
 def rescore_run(run: Path, bundle: Path | None = None) -> list[dict]:
     """Per round (0: the untrained adapter): accuracy, macro-F1 and ROC AUC of the top tier's global,
-    on what the run itself scored: the per-round subset, and the whole central split after the last round."""
+    on what the run itself scored: the per-round subset, and the final split after the last round."""
     summary = run / "summary.json"
     if not summary.is_file():
         raise FileNotFoundError(f"{run} has no summary.json: rescore a run that finished.")
     config = json.loads(summary.read_text())["config"]
     _, central_test = load_data(config["data"])
     per_round = subset(central_test, config["eval_samples"] or len(central_test))
+    final = subset(central_test, config.get("final_samples") or len(central_test))
     store = StateDir(run / "state")
     if not store.globals(1):
         raise FileNotFoundError(f"{run} kept no global adapters (a full-model run, or none finished): nothing to rescore.")
@@ -36,7 +37,7 @@ def rescore_run(run: Path, bundle: Path | None = None) -> list[dict]:
         if round_number and not payloads:
             break
         trainer.load_state(None, decode_adapter(payloads[trainer.rank], trainer.manifest)[1] if payloads else None)
-        report = trainer.evaluate(central_test if round_number == config["rounds"] else per_round)
+        report = trainer.evaluate(final if round_number == config["rounds"] else per_round)
         rows.append({"round": round_number, "accuracy": report.accuracy, "macro_f1": report.macro_f1,
                      "roc_auc": report.roc_auc, "samples": report.samples})
     return rows

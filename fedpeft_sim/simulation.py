@@ -68,6 +68,8 @@ class SimConfig:
     local_test_fraction: float = 0.2
     pool_limit: int | None = None
     eval_samples: int | None = 1000
+    final_samples: int | None = None
+    """Central test examples scored after the last round (a fixed stratified subset; None: the whole split)."""
     local_eval_every: int = 5
     broker_url: str | None = None
     rank_policy: RankPolicy | None = None
@@ -249,7 +251,7 @@ def local_summary(clients: list[SimClient], accuracy: dict[str, float], by_rank:
 def prepare_run(config: SimConfig) -> tuple[list[SimClient], list[Example], list[Example]]:
     """Empty the run folder, load and partition the data (saved as partition.json).
 
-    Returns (clients, the per-round evaluation subset, the whole central test split).
+    Returns (clients, the per-round evaluation subset, the split scored after the last round).
     """
     if config.out.exists():
         shutil.rmtree(config.out)
@@ -260,15 +262,16 @@ def prepare_run(config: SimConfig) -> tuple[list[SimClient], list[Example], list
     clients, split = split_clients(config, data)
     (config.out / "partition.json").write_text(json.dumps(split, indent=1))
     central = central_test if config.eval_samples is None else subset(central_test, config.eval_samples)
-    return clients, central, central_test
+    final = central_test if config.final_samples is None else subset(central_test, config.final_samples)
+    return clients, central, final
 
 
 def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     """Run the federation of `config`; writes metrics.jsonl, partition.json and summary.json under `config.out`."""
     started = time.perf_counter()
-    clients, central, central_test = prepare_run(config)
+    clients, central, final = prepare_run(config)
     pool = pool or TrainerPool(config.bundle, cores=config.trainer_cores)
-    evaluator = Evaluator(config, pool, central, central_test, clients, config.out / "metrics.jsonl")
+    evaluator = Evaluator(config, pool, central, final, clients, config.out / "metrics.jsonl")
     evaluator.baseline()
     broker = None if config.broker_url else local_broker(config.out / "broker").start()
     settings = broker.settings if broker else BrokerSettings.from_url(config.broker_url)

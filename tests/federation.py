@@ -181,7 +181,7 @@ def two_tier_simulation(bundle: Path, strategy: str, broker_url: str, out: Path)
     config = SimConfig(
         bundle=bundle, out=out, strategy=strategy, clients=6, fraction=0.5, rounds=3, alpha=1.0, size_skew=0.5,
         dropout=0.0, seed=1, training=TrainingConfig(steps=12, batch_size=16, lr=4e-3, schedule="constant"),
-        eval_samples=300, local_eval_every=3, pool_limit=900, broker_url=broker_url,
+        eval_samples=300, final_samples=600, local_eval_every=3, pool_limit=900, broker_url=broker_url,
         rank_policy=RankPolicy.balanced(max(TEST_RANKS), 2048 * 2**20, 0.1, 50),
     )
     summary = run_simulation(config)

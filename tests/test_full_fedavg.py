@@ -60,7 +60,7 @@ def test_full_fedavg_learns_and_counts_whole_model_traffic(full_bundle: Path, tm
     out = tmp_path / "run"
     config = SimConfig(bundle=full_bundle, out=out, strategy="full-fedavg", clients=6, fraction=0.5, rounds=2,
                        seed=1, training=TrainingConfig(steps=25, batch_size=16, lr=1e-4),
-                       eval_samples=300, local_eval_every=2, pool_limit=900)
+                       eval_samples=300, final_samples=600, local_eval_every=2, pool_limit=900)
     summary = run_full_fedavg(config)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

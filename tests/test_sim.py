@@ -20,7 +20,7 @@ def test_small_federation_learns_and_counts_bytes_from_real_payloads(minilm_bund
     config = SimConfig(
         bundle=minilm_bundle, out=out, clients=6, fraction=0.5, rounds=3, alpha=1.0, size_skew=0.5, dropout=0.2,
         seed=1, training=TrainingConfig(steps=12, batch_size=16, lr=4e-3, schedule="constant"), eval_samples=300,
-        local_eval_every=3, pool_limit=900, broker_url=mosquitto.url,
+        final_samples=600, local_eval_every=3, pool_limit=900, broker_url=mosquitto.url,
     )
     summary = run_simulation(config)
 
@@ -72,7 +72,7 @@ def test_bundle_without_a_trainable_head_federates(mosquitto, tmp_path: Path) ->
     run_simulation(SimConfig(
         bundle=bundle, out=out, clients=2, fraction=1.0, rounds=1, alpha=None, seed=0,
         training=TrainingConfig(steps=3, batch_size=8, lr=2e-3, schedule="constant"), eval_samples=50,
-        local_eval_every=1, pool_limit=200, broker_url=mosquitto.url,
+        final_samples=100, local_eval_every=1, pool_limit=200, broker_url=mosquitto.url,
     ))
     record = json.loads((out / "state" / "rounds" / "0001" / "metrics.json").read_text())
     assert len(record["participants"]) == 2 and record["rejected"] == 0, record
