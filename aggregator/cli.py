@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from aggregator.cli_options import server_optimizer, server_optimizer_options
+from aggregator.cli_options import head_options, server_optimizer, server_optimizer_options
 from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateError
@@ -51,9 +51,7 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
               help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
 @click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="τ of logit-adjusted local cross-entropy (logits + τ·log of each device's label frequencies).")
-@click.option("--closed-form-head", is_flag=True,
-              help="Solve the shared head each round in closed form (LDA) from feature statistics the devices send "
-                   "with their updates, instead of averaging it; needs --server-opt.")
+@head_options
 @click.option("--sample-cap", type=click.FloatRange(min=1), default=SAMPLE_CAP, show_default=True,
               help="A client's self-reported sample count weighs at most this many times the round's median.")
 @server_optimizer_options
@@ -68,7 +66,8 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          embedded_port: int, federation: str, rounds: int, clients_per_round: int | None, fraction: float | None,
          min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,
          metrics_file: Path | None, seed: int,
-         steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, logit_adjustment: float, closed_form_head: bool,
+         steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, logit_adjustment: float,
+         closed_form_head: bool, statistics_rounds: int | None,
          sample_cap: float, server_opt: str, server_lr: float, server_head_lr: float | None, server_beta1: float,
          server_beta2: float, server_eps: float,
          r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int, log_level: str) -> None:
@@ -92,7 +91,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
         strategy=strategy, seed=seed,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                                 proximal_mu=proximal_mu, logit_adjustment=logit_adjustment,
-                                feature_statistics=closed_form_head),
+                                feature_statistics=closed_form_head, statistics_rounds=statistics_rounds),
         rank_policy=policy, head=head, dtype=dtype,
         chunk_size=chunk_size, metrics_file=metrics_file, sample_cap=sample_cap,
         server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),

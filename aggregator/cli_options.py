@@ -1,4 +1,4 @@
-"""Command-line options of the server optimizer, shared by `fedpeft-aggregator` and `fedpeft-sim run`."""
+"""Command-line options of the server optimizer and the head, shared by `fedpeft-aggregator` and `fedpeft-sim run`."""
 
 from __future__ import annotations
 
@@ -36,3 +36,18 @@ def server_optimizer(name: str, lr: float, head_lr: float | None, beta1: float, 
         return ServerOptimizer(name, lr=lr, head_lr=head_lr, beta1=beta1, beta2=beta2, eps=eps)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--server-*") from None
+
+
+def head_options(func):
+    """--closed-form-head, --statistics-rounds."""
+    options = [
+        click.option("--closed-form-head", is_flag=True,
+                     help="Solve the shared head in closed form (LDA) from feature statistics the devices send with "
+                          "their updates, instead of averaging it; needs --server-opt."),
+        click.option("--statistics-rounds", type=click.IntRange(min=1), default=None,
+                     help="With --closed-form-head: statistics are sent and the head solved in rounds 1..N only, "
+                          "then the head stays fixed [default: every round]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -28,8 +28,10 @@ class GlobalModel:
     """Produces and persists the global adapters of a federation's rounds."""
 
     def __init__(self, bundle: Path, manifest: Manifest, store: StateDir, federation: str, strategy: str,
-                 head: HeadMode, optimizer: ServerOptimizer | None, sample_cap: float = SAMPLE_CAP) -> None:
+                 head: HeadMode, optimizer: ServerOptimizer | None, sample_cap: float = SAMPLE_CAP,
+                 closed_form_head: bool = False) -> None:
         self.bundle, self.manifest, self.store, self.sample_cap = bundle, manifest, store, sample_cap
+        self.closed_form_head = closed_form_head
         self.federation, self.strategy, self.head, self.optimizer = federation, strategy, head, optimizer
         self.form = get_strategy(strategy).state
         if optimizer is not None and self.form is None:
@@ -73,7 +75,8 @@ class GlobalModel:
                 raise StateError(f"{self.store.root}: the server state of round {round_number - 1} is missing.")
             sent = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number - 1).items()}
             tiers, result, server_state = merge_with_server(self.strategy, accepted, sent, previous, self.optimizer,
-                                                            self.manifest, self._filler, self.sample_cap)
+                                                            self.manifest, self._filler, self.sample_cap,
+                                                            self.closed_form_head)
         merge_seconds = time.perf_counter() - started
         payloads = self._save(round_number, tiers, result.global_state, sum(h.num_samples for h, _ in accepted.values()))
         if server_state is not None:

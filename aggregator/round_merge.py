@@ -72,7 +72,7 @@ def _average_heads(heads: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, 
 def merge_with_server(
     strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], sent: Mapping[int, Adapter],
     state: ServerState, optimizer: ServerOptimizer, manifest: Manifest, filler: Mapping[str, np.ndarray],
-    sample_cap: float = SAMPLE_CAP,
+    sample_cap: float = SAMPLE_CAP, closed_form: bool = False,
 ) -> tuple[dict[int, Adapter], MergeResult, ServerState]:
     """Per-tier adapters from the server state stepped with the round's pseudo-gradient.
 
@@ -80,7 +80,9 @@ def merge_with_server(
     strategy merges each client's update against them, and the head's pseudo-gradient is the
     sample-weighted mean of the head updates (counts bounded as in `merge_round`). Where the updates
     carry feature statistics, the head is instead solved in closed form from them (`closed_form`),
-    pooled over rounds in the state. The result's `global_state` is the new ΔW_g's SVD.
+    pooled over rounds in the state; with `closed_form` and none sent (the rounds after
+    `TrainingConfig.statistics_rounds`) the head stays as solved last. The result's `global_state` is
+    the new ΔW_g's SVD.
     """
     spec = get_strategy(strategy)
     ordered = [updates[cid] for cid in sorted(updates)]
@@ -98,7 +100,7 @@ def merge_with_server(
             if not spec.frozen_a:
                 grads[f"{name}::A"] = a
     statistics = [a.statistics for _, a in ordered if a.statistics is not None]
-    if not statistics:
+    if not statistics and not closed_form:
         reference = sent[max(manifest.ranks)].head
         heads = _average_heads([(n, {k: v - reference[k] for k, v in a.head.items()})
                                 for n, (_, a) in zip(counts, ordered)])

@@ -79,6 +79,10 @@ def check_head_options(options: AggregatorOptions, manifest: Manifest) -> None:
     if tau and manifest.output_bias not in manifest.head_parameters:
         raise ValueError("Logit adjustment needs a bundle that trains the head's output bias: "
                          "export it with --train-head, or set logit adjustment to 0.")
+    rounds = options.training.statistics_rounds
+    if rounds is not None and not (options.training.feature_statistics and rounds >= 1):
+        raise ValueError(f"statistics_rounds (got {rounds}) limits a closed-form head's statistics to rounds 1..N: "
+                         "set it to N ≥ 1 together with the closed-form head, or leave it unset.")
     if not options.training.feature_statistics:
         return
     if manifest.feature_width is None or manifest.output_bias is None:
@@ -132,7 +136,7 @@ class Aggregator:
         self.state = self.store.load(options.federation, self.bundle_id, options.strategy,
                                      asdict(optimizer) if optimizer else None)
         self.globals = GlobalModel(self.bundle, self.manifest, self.store, options.federation, options.strategy,
-                                   options.head, optimizer, options.sample_cap)
+                                   options.head, optimizer, options.sample_cap, options.training.feature_statistics)
         self.max_update_bytes = max_payload_bytes(self.manifest)
         self.online: dict[str, ClientStatus] = {}
         self.records: list[RoundRecord] = []
@@ -439,11 +443,11 @@ class Aggregator:
 
     def _statistics_refusal(self, header: AdapterHeader, adapter: Adapter) -> str | None:
         """Feature statistics are sent exactly when asked for, over no more examples than the device has."""
-        training = self.options.training
+        wanted = self.options.training.sends_statistics(header.round)
         if adapter.statistics is None:
-            return "feature statistics missing: this federation asks for them" if training.feature_statistics else None
-        if not training.feature_statistics:
-            return "feature statistics sent, but this federation does not ask for them"
+            return "feature statistics missing: this federation asks for them" if wanted else None
+        if not wanted:
+            return "feature statistics sent, but this federation does not ask for them in this round"
         if adapter.statistics.samples > header.num_samples:
             return (f"feature statistics over {adapter.statistics.samples} examples, more than the "
                     f"{header.num_samples} the update declares")

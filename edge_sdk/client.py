@@ -223,7 +223,7 @@ class FederatedClient:
         seed = (task.seed + zlib.crc32(self.client_id.encode())) % 2**31
         with self.trainers.lease(rank, self.profile.threads) as trainer:
             trainer.load_state(self._trainable, received)
-            statistics = trainer.feature_statistics(examples) if training.feature_statistics else None
+            statistics = trainer.feature_statistics(examples) if training.sends_statistics(task.round) else None
             report = trainer.fit(
                 examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
                 schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,

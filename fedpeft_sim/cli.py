@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from aggregator.cli_options import server_optimizer, server_optimizer_options
+from aggregator.cli_options import head_options, server_optimizer, server_optimizer_options
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
@@ -116,13 +116,13 @@ def main(verbose: bool) -> None:
               help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
 @click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="τ of logit-adjusted local cross-entropy (logits + τ·log of each device's label frequencies).")
-@click.option("--closed-form-head", is_flag=True,
-              help="Solve the shared head each round in closed form (LDA) from feature statistics the devices send "
-                   "with their updates, instead of averaging it; needs --server-opt.")
+@head_options
 @server_optimizer_options
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Central test examples scored per round (the whole split after the last).")
+              help="Central test examples scored per round (--final-samples after the last).")
+@click.option("--final-samples", type=click.IntRange(min=1), default=None,
+              help="Central test examples scored after the last round [default: the whole split].")
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Score the global on the central subset every this many rounds (and after the last).")
 @click.option("--local-eval-every", type=click.IntRange(min=1), default=5, show_default=True)
@@ -134,19 +134,20 @@ def main(verbose: bool) -> None:
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
         seed: int, steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float,
-        logit_adjustment: float, closed_form_head: bool, server_opt: str, server_lr: float, server_head_lr: float | None,
-        server_beta1: float, server_beta2: float, server_eps: float,
-        dtype: str, eval_samples: int, eval_every: int, local_eval_every: int, pool_limit: int | None,
-        trainer_cores: int | None, broker: str | None, plot: bool) -> None:
+        logit_adjustment: float, closed_form_head: bool, statistics_rounds: int | None, server_opt: str, server_lr: float,
+        server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
+        dtype: str, eval_samples: int, final_samples: int | None, eval_every: int, local_eval_every: int,
+        pool_limit: int | None, trainer_cores: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
         bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
         rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                                 proximal_mu=proximal_mu, logit_adjustment=logit_adjustment,
-                                feature_statistics=closed_form_head), dtype=dtype,
+                                feature_statistics=closed_form_head, statistics_rounds=statistics_rounds), dtype=dtype,
         server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
-        eval_samples=eval_samples, eval_every=eval_every, local_eval_every=local_eval_every, pool_limit=pool_limit,
+        eval_samples=eval_samples, final_samples=final_samples, eval_every=eval_every,
+        local_eval_every=local_eval_every, pool_limit=pool_limit,
         trainer_cores=trainer_cores, broker_url=broker,
     )
     try:

@@ -11,7 +11,8 @@ from aggregator.closed_form import bounded_statistics, closed_form_head
 from aggregator.round_merge import SAMPLE_CAP, merge_with_server
 from aggregator.server_state import HEAD, ServerOptimizer, ServerState, initial_state, tier_adapters
 from edge_sdk.protocol import (
-    Adapter, AdapterHeader, BadStatisticsError, FeatureStatistics, StatisticsError, decode_adapter, encode_adapter,
+    Adapter, AdapterHeader, BadStatisticsError, FeatureStatistics, StatisticsError, TrainingConfig, decode_adapter,
+    encode_adapter,
 )
 from edge_sdk.protocol.manifest import read_manifest
 from tests.test_server_state import LAYERS, RANKS, _Manifest, _start
@@ -117,6 +118,36 @@ def test_the_server_replaces_the_averaged_head_by_the_solved_one_and_keeps_decay
     np.testing.assert_allclose(after_two.params[HEAD + "w"], weight, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(tiers[4].head["b"], bias, rtol=1e-3, atol=1e-4)
     assert not np.allclose(tiers[4].head["w"], 7.0), "the clients' averaged head is not used"
+
+
+def test_after_the_statistics_rounds_the_solved_head_stays_and_client_heads_are_ignored() -> None:
+    """`TrainingConfig.statistics_rounds`: devices stop sending statistics, the server keeps its last head."""
+    rng = np.random.default_rng(4)
+    manifest = _Manifest()
+    manifest.output_weight, manifest.output_bias = "w", "b"
+    start = _start(rng)
+    filler = {n: a for n, (a, _) in start.lora.items()}
+    state = initial_state(start, LAYERS, "exact")
+    sent, _ = tier_adapters(state, LAYERS, RANKS, filler)
+    optimizer = ServerOptimizer("adafactor", lr=1e-3)
+    stats = _statistics(*_gaussian_classes(rng, 8, classes=2, width=12), classes=2)
+    first = {"c0": (AdapterHeader("f", 1, "c0", 2, 16), Adapter(2, sent[2].lora, sent[2].head, stats))}
+    solved, _, state = merge_with_server("svd-weighted", first, sent, state, optimizer, manifest, filler,
+                                         closed_form=True)
+    moved = {k: (a, b + 0.01) for k, (a, b) in solved[2].lora.items()}
+    second = {"c0": (AdapterHeader("f", 2, "c0", 2, 16), Adapter(2, moved, {k: v + 7.0 for k, v in solved[2].head.items()}))}
+    tiers, _, after = merge_with_server("svd-weighted", second, solved, state, optimizer, manifest, filler,
+                                        closed_form=True)
+    for name in ("w", "b"):
+        np.testing.assert_array_equal(tiers[4].head[name], solved[4].head[name])
+    assert any(not np.array_equal(tiers[4].lora[k][1], solved[4].lora[k][1]) for k in LAYERS), "the adapter still moves"
+    np.testing.assert_array_equal(after.moments["stats::counts"], state.moments["stats::counts"])
+    averaged, _, _ = merge_with_server("svd-weighted", second, solved, state, optimizer, manifest, filler)
+    assert not np.array_equal(averaged[4].head["w"], solved[4].head["w"]), "without closed_form the head is averaged"
+    config = TrainingConfig(feature_statistics=True, statistics_rounds=3)
+    assert [config.sends_statistics(r) for r in (1, 3, 4)] == [True, True, False]
+    assert TrainingConfig(feature_statistics=True).sends_statistics(10**6)
+    assert not TrainingConfig(statistics_rounds=3).sends_statistics(1)
 
 
 def test_trained_features_feed_the_head_and_their_statistics_cross_the_codec(minilm_bundle: Path) -> None:

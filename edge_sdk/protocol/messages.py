@@ -55,6 +55,13 @@ class TrainingConfig:
     """Devices send, with each update, the feature statistics of their training examples at the
     received global, from which the server solves the head in closed form; needs a bundle with
     `Manifest.feature_width`."""
+    statistics_rounds: int | None = None
+    """With `feature_statistics`: devices send them in rounds up to this one only, and the server keeps
+    the head it solved last from then on (None: every round)."""
+
+    def sends_statistics(self, round_number: int) -> bool:
+        """Whether devices send feature statistics with their update of `round_number`."""
+        return self.feature_statistics and (self.statistics_rounds is None or round_number <= self.statistics_rounds)
 
 
 @dataclass(frozen=True)
