@@ -76,6 +76,24 @@ def test_acl_lets_a_client_publish_only_under_its_own_id(secure_broker):
     watcher.stop()
 
 
+def test_a_device_cannot_take_over_the_aggregators_session(secure_broker):
+    """use_username_as_clientid: a device connecting under the aggregator's client id gets its own
+    username as id, so the aggregator is never disconnected (MQTT's session takeover)."""
+    arrived, connects = threading.Event(), []
+    watcher = MqttConnection("fedpeft-f-aggregator", _login(secure_broker, "aggregator"),
+                             lambda m: arrived.set() if m.topic == "fedpeft/f/clients/dev1/update" else None,
+                             subscriptions=["fedpeft/#"], on_connect=lambda: connects.append(time.time())).start(5)
+    attackers = [MqttConnection("fedpeft-f-aggregator", _login(secure_broker, "dev1"), lambda m: None).start(5)
+                 for _ in range(3)]
+    time.sleep(1.5)
+    attackers[-1].publish_all([("fedpeft/f/clients/dev1/update", b"own topic", False)], timeout=5)
+    assert arrived.wait(5)
+    assert watcher.connected and len(connects) == 1, "the aggregator was knocked off and reconnected"
+    for attacker in attackers:
+        attacker.stop()
+    watcher.stop()
+
+
 def test_aggregator_over_tls_rejects_a_forged_sender_and_accepts_the_real_one(secure_broker, minilm_bundle,
                                                                               trained_adapters, tmp_path):
     aggregator, thread, errors = aggregator_thread(
