@@ -193,6 +193,7 @@ class Aggregator:
             task = state.task
             self._round = _Round(task)
             self._load_accepted()
+            self._replay_chunks()
             if task.deadline < time.time():
                 task = RoundTask(round=task.round, attempt=task.attempt, deadline=time.time() + self.options.round_timeout,
                                  sampled=task.sampled, seed=task.seed, globals=task.globals)
@@ -251,6 +252,7 @@ class Aggregator:
                 return
             if time.time() >= current.task.deadline:
                 for sender, reason in self._reassembler.expire(0).items():
+                    self.store.drop_chunks(current.task.round, sender)
                     self._reject(sender, f"update incomplete at the deadline ({reason})", None)
                 if quorum:
                     return
@@ -268,6 +270,7 @@ class Aggregator:
         assert current is not None
         closing = time.monotonic()
         payloads, merge_seconds = self.globals.close(current.task.round, current.accepted)
+        self.store.drop_chunks(current.task.round)
         record = self._record(current, payloads, merge_seconds)
         self.store.save_metrics(record.round, record.to_dict())
         self.state.round, self.state.task = record.round + 1, None
@@ -380,9 +383,14 @@ class Aggregator:
             log.info("client %s online at tier r=%s", sender, status.rank)
         self.online[sender] = status
 
-    def _on_update_chunk(self, sender: str, payload: bytes) -> None:
+    def _on_update_chunk(self, sender: str, payload: bytes, persist: bool = True) -> None:
         """Reassemble `sender`'s chunks; only senders sampled for the open round (and not yet accepted)
-        may hold a transfer open, so memory stays bounded by the round's sample × the largest payload."""
+        may hold a transfer open, so memory stays bounded by the round's sample × the largest payload.
+
+        A chunk of an unfinished transfer is written to the state dir before it is acknowledged
+        (`persist`; False when replaying those files after a restart), so a kill mid-transfer loses
+        nothing the broker already forgot.
+        """
         current = self._round
         if current is None or sender not in current.task.sampled:
             self._reject(sender, "not sampled for this round", None)
@@ -390,16 +398,33 @@ class Aggregator:
         if sender in current.accepted:
             self._reject(sender, "duplicate update for this round", None)
             return
+        round_number = current.task.round
         current.bytes_in += len(payload)
         try:
             complete, failed = self._reassembler.add(sender, payload)
         except ChunkError as err:
+            self.store.drop_chunks(round_number, sender)
             self._reject(sender, f"bad chunk: {err}", None)
             return
         if failed:
+            self.store.drop_chunks(round_number, sender)
             self._reject(sender, failed, None)
-        if complete is not None:
-            self._on_update(sender, complete)
+        if complete is None:
+            if persist:
+                self.store.save_chunk(round_number, sender, payload)
+            return
+        self._on_update(sender, complete)
+        self.store.drop_chunks(round_number, sender)
+
+    def _replay_chunks(self) -> None:
+        """After a restart: feed the open round's persisted chunks back into their transfers."""
+        current = self._round
+        assert current is not None
+        for sender, messages in self.store.chunks(current.task.round).items():
+            for message in messages:
+                self._on_update_chunk(sender, message, persist=False)
+            if sender in current.accepted or sender not in current.task.sampled:
+                self.store.drop_chunks(current.task.round, sender)
 
     def _on_update(self, sender: str, payload: bytes) -> None:
         current = self._round

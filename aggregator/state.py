@@ -3,6 +3,8 @@
 Layout (every file written atomically; JSON, safetensors and FedPEFT adapter payloads only):
     state.json                        federation, bundle id, strategy, the open round and its task
     rounds/0003/updates/<client>.fpa  accepted updates of round 3, as received (re-validated on load)
+    rounds/0003/chunks/<client>/      the chunks of a multi-chunk update still arriving (acknowledged
+                                      to the broker only once written here; dropped when it completes)
     rounds/0003/global-r8.fpa         round 3's global adapter for tier r=8 (codec payload)
     rounds/0003/global-factors.safetensors   ΔW_g factors per layer (U, S, V)
     rounds/0003/peft/                 the global adapter as a Hugging Face peft folder
@@ -13,7 +15,9 @@ Layout (every file written atomically; JSON, safetensors and FedPEFT adapter pay
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,6 +91,29 @@ class StateDir:
     def save_update(self, round_number: int, client_id: str, payload: bytes) -> None:
         check_identifier(client_id, "Client id")
         write_atomic(self.round_dir(round_number) / "updates" / f"{client_id}{PAYLOAD_SUFFIX}", payload)
+
+    def save_chunk(self, round_number: int, client_id: str, message: bytes) -> None:
+        """Persist one received chunk of `client_id`'s open transfer (named by its digest: a resent chunk
+        overwrites itself)."""
+        check_identifier(client_id, "Client id")
+        name = hashlib.sha256(message).hexdigest()[:32]
+        write_atomic(self.round_dir(round_number) / "chunks" / client_id / f"{name}.chunk", message)
+
+    def chunks(self, round_number: int) -> dict[str, list[bytes]]:
+        """The persisted chunks of a round's open transfers, client id → chunk messages."""
+        folder = self.round_dir(round_number) / "chunks"
+        if not folder.is_dir():
+            return {}
+        return {d.name: [p.read_bytes() for p in sorted(d.glob("*.chunk"))] for d in sorted(folder.iterdir())
+                if d.is_dir()}
+
+    def drop_chunks(self, round_number: int, client_id: str | None = None) -> None:
+        """Forget the persisted chunks of `client_id`'s transfer (None: of every transfer of the round)."""
+        folder = self.round_dir(round_number) / "chunks"
+        if client_id is not None:
+            check_identifier(client_id, "Client id")
+            folder = folder / client_id
+        shutil.rmtree(folder, ignore_errors=True)
 
     def updates(self, round_number: int) -> dict[str, bytes]:
         """Accepted update payloads of a round, client id → bytes."""

@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.closed_form import STATISTICS_DECAY, closed_form_head
+from aggregator.closed_form import closed_form_head
 from aggregator.state import StateDir
 from edge_sdk.protocol import FeatureStatistics, decode_adapter
 from edge_sdk.protocol.codec import STATISTICS_KEYS
@@ -78,7 +78,7 @@ def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bu
 
 
 @pytest.mark.parametrize("server", [(), ("--server-opt", "adam", "--server-lr", "1e-3", "--strategy", "svd-weighted",
-                                         "--closed-form-head")],
+                                         "--closed-form-head", "--statistics-rounds", "1")],
                          ids=["replace-merge", "server-adam-closed-form-head"])
 def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninterrupted_run(
         minilm_bundle, mosquitto, tmp_path, server):
@@ -123,16 +123,52 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
 
 
 def _check_closed_form_head(state, manifest) -> None:
-    """The server's pooled statistics are the decayed sum of the accepted updates' own, and the global
-    head is their linear discriminant."""
-    counts = [sum(decode_adapter(path.read_bytes(), manifest)[1].statistics.counts
-                  for path in (state / "rounds" / f"{r:04d}" / "updates").glob("*.fpa")) for r in (1, 2)]
+    """Round 1's updates carry statistics, round 2's none (--statistics-rounds 1): the server pooled round 1's,
+    its head is their linear discriminant, and round 2 kept it while the adapter moved on."""
+    sent = [[decode_adapter(path.read_bytes(), manifest)[1].statistics
+             for path in (state / "rounds" / f"{r:04d}" / "updates").glob("*.fpa")] for r in (1, 2)]
+    assert all(s is not None for s in sent[0]) and sent[1] and all(s is None for s in sent[1])
     saved = StateDir(state).server_state(2, "exact")
-    np.testing.assert_allclose(saved.moments["stats::counts"], STATISTICS_DECAY * counts[0] + counts[1], rtol=1e-6)
+    np.testing.assert_allclose(saved.moments["stats::counts"], sum(s.counts for s in sent[0]), rtol=1e-6)
     weight, bias = closed_form_head(FeatureStatistics(*(saved.moments[k].astype(np.float64) for k in STATISTICS_KEYS)))
-    head = _global(state, 2, 8, manifest).head
-    np.testing.assert_allclose(head[manifest.output_bias], bias, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(head[manifest.output_weight], weight, rtol=1e-5, atol=1e-4)
+    first, second = _global(state, 1, 8, manifest), _global(state, 2, 8, manifest)
+    np.testing.assert_allclose(second.head[manifest.output_bias], bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second.head[manifest.output_weight], weight, rtol=1e-5, atol=1e-4)
+    for name, value in first.head.items():
+        np.testing.assert_array_equal(second.head[name], value)
+    assert any(not np.array_equal(first.lora[k][1], second.lora[k][1]) for k in first.lora)
+
+
+def test_kill_9_mid_transfer_keeps_the_chunks_already_acknowledged(minilm_bundle, trained_adapters, mosquitto,
+                                                                  tmp_path):
+    """Chunks of an unfinished update are on disk before the broker forgets them: after a kill -9 in the
+    middle of a 7-chunk transfer, the restarted aggregator completes it from the rest the broker queued."""
+    from edge_sdk.protocol import AdapterHeader, encode_adapter, split_payload
+    from edge_sdk.protocol.transport import BrokerSettings
+    from tests.federation import ReplayClient
+
+    state, log = tmp_path / "state", tmp_path / "aggregator.log"
+    args = ("--federation", "durable", "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1",
+            "--round-timeout", "300", "--chunk-size", "65536")
+    aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, log, *args)
+    device = ReplayClient(BrokerSettings.from_url(mosquitto.url), "durable", "dev0", 8).join()
+    task = device.next_task()
+    adapter = trained_adapters["r8-0"]
+    payload = encode_adapter(adapter, AdapterHeader("durable", task.round, "dev0", 8, 50))
+    chunks = split_payload(payload, 65536)
+    assert len(chunks) >= 4
+    kept = state / "rounds" / "0001" / "chunks" / "dev0"
+    device.send_raw(device.topics.update("dev0"), chunks[:3])
+    wait_for(lambda: kept.is_dir() and len(list(kept.glob("*.chunk"))) == 3, 60, "three chunks on disk")
+    os.kill(aggregator.pid, signal.SIGKILL)
+    aggregator.wait()
+    device.send_raw(device.topics.update("dev0"), chunks[3:])
+    aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, log, *args)
+    finish([aggregator], 300, [log])
+    device.close()
+    assert read_metrics(state)[0]["participants"] == ["dev0"]
+    assert (state / "rounds" / "0001" / "updates" / "dev0.fpa").read_bytes() == payload
+    assert not (state / "rounds" / "0001" / "chunks").exists()
 
 
 def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundle, mosquitto, tmp_path):
