@@ -24,6 +24,7 @@ from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
 from fedpeft_sim.full_fedavg import run_full_fedavg
 from fedpeft_sim.pretrain_vit import PRETRAINING_FILE
 from fedpeft_sim.simulation import SimConfig, centralized, config_record, load_data, run_simulation
+from fedpeft_sim.summary import write_summary
 
 log = logging.getLogger("fedpeft.report")
 PARTITIONS: dict[str, float | None] = {"alpha0.1": 0.1, "alpha1.0": 1.0, "iid": None}
@@ -242,8 +243,8 @@ def _final_auc(rows: list[dict]) -> str:
 
 def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dict, docs: Path, invocation: str,
            planned: int, image: tuple[Plan, dict, dict, int, dict] | None = None) -> Path:
-    """docs/results.md and its PNGs from the runs' summaries and per-round metrics ("not run" where missing);
-    `invocation` says how long this command took and whether it trained."""
+    """docs/results.md, its PNGs and results/summary.json from the runs' summaries and per-round metrics
+    ("not run" where missing); `invocation` says how long this command took and whether it trained."""
     figures = docs.parent / "results"
     lines = _preamble(plan, results, ceiling, invocation, planned, image is not None)
     lines += _grid(plan, results, ceiling)
@@ -257,6 +258,10 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     lines += _not_measured()
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(lines))
+    tasks = {plan.data: (results, ceiling)}
+    if image is not None:
+        tasks[image[0].data] = (image[1], image[2])
+    write_summary(figures / "summary.json", tasks)
     return docs
 
 

@@ -11,6 +11,7 @@ import pytest
 from edge_sdk.protocol import TrainingConfig
 from fedpeft_sim.rescore import rescore_run
 from fedpeft_sim.simulation import SimConfig, run_simulation
+from fedpeft_sim.summary import write_summary
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,17 @@ def test_small_federation_learns_and_counts_bytes_from_real_payloads(minilm_bund
     assert [r["round"] for r in rescored] == [0, 1, 2, 3]
     assert [r["accuracy"] for r in rescored] == pytest.approx([r["central_accuracy"] for r in rows])
     assert [r["roc_auc"] for r in rescored] == pytest.approx([r["central_roc_auc"] for r in rows])
+    assert rows[-1]["central_samples"] == rescored[-1]["samples"] < 700, "final_samples scores a 600-review subset"
+
+    written = json.loads(write_summary(tmp_path / "summary.json", {"rotten-tomatoes": (
+        {"svd-weighted_alpha1.0_float32_s1": (summary, rows), "svd-weighted_alpha1.0_int8_s0": (summary, rows)},
+        {"accuracy": 0.8})}).read_text())["rotten-tomatoes"]
+    assert written["centralized"] == {"accuracy": 0.8}
+    entry = written["partitions"]["alpha1.0"]["svd-weighted"]
+    assert entry["seeds"] == [1] and entry["config"] == json.loads(json.dumps(summary["config"]))
+    assert entry["final_accuracy"] == {"mean": summary["final_accuracy"], "std": 0.0, "n": 1}
+    assert entry["per_seed"][0]["bytes_up"] == summary["bytes_up"] > 0
+    assert set(written["partitions"]["alpha1.0"]) == {"svd-weighted", "svd-weighted (int8)"}
 
 
 def test_fashion_mnist_transfer_task_holds_only_the_classes_the_base_never_saw() -> None:
