@@ -9,7 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from edge_sdk.protocol import AdapterHeader, decode_adapter, encode_adapter, max_payload_bytes, split_payload
+from edge_sdk.protocol import (
+    AdapterHeader, FeatureStatistics, decode_adapter, encode_adapter, max_payload_bytes, split_payload,
+)
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.protocol.transport import BrokerSettings
@@ -54,6 +56,8 @@ def _malformed(adapters, manifest, federation: str, round_number: int, rng: rand
                       head=r2.head)
     missing = Adapter(rank=2, lora={k: v for k, v in r2.lora.items() if k != first_layer}, head=r2.head)
     headless = Adapter(rank=2, lora=r2.lora, head={})
+    unasked = FeatureStatistics.zeros(len(manifest.labels), manifest.feature_width)
+    unasked.add(np.ones((4, manifest.feature_width), dtype=np.float32), np.zeros(4, dtype=np.int64))
     for sender, message in [
         ("dev0", framed(nan)), ("dev0", framed(inf)), ("dev1", framed(wrong_shape)), ("dev0", framed(lying_rank)),
         ("dev2", framed(unknown)), ("dev0", framed(missing)), ("dev0", framed(headless)),
@@ -71,6 +75,7 @@ def _malformed(adapters, manifest, federation: str, round_number: int, rng: rand
         ("dev2", framed(r2, client_id="dev2").replace(f'"round": {round_number}'.encode(),
                                                       f'"round": {round_number + 1}'.encode(), 1)),  # altered header
         ("dev0", framed(broken(lambda k, a, b: (a * 1e20, b * 1e-20)))),  # same ΔW, Grams overflow float32
+        ("dev0", framed(Adapter(2, r2.lora, r2.head, unasked))),          # statistics nobody asked for
     ]:
         cases += [(sender, message)] * 25
     rng.shuffle(cases)
