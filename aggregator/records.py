@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -36,6 +36,11 @@ class RoundRecord:
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """Participant → the metrics its upload's header carried (training time, loss, local evaluation)."""
     close_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, body: dict) -> RoundRecord:
+        """The record `to_dict` wrote (its derived `clients_*` means are recomputed, not read)."""
+        return cls(**{f.name: body[f.name] for f in fields(cls) if f.name in body})
 
     def client_means(self) -> dict[str, float]:
         """Each client metric averaged over the participants that reported it, weighted by their sample counts."""

@@ -24,7 +24,7 @@ from aggregator.records import RoundRecord
 from aggregator.global_model import AGGREGATOR_ID, GlobalModel
 from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.server_state import ServerOptimizer
-from aggregator.state import StateDir
+from aggregator.state import StateDir, StateError
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
 from aggregator.traffic import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.protocol import (
@@ -167,6 +167,7 @@ class Aggregator:
         try:
             self.connection.publish_all([(self.topics.config, encode_message(self.config()), True)], 30)
             self.globals.start(self.state.round)
+            self._announce_missed()
             while self.state.round <= self.options.rounds and not self._stop:
                 self._open_or_resume()
                 self._collect()
@@ -281,9 +282,25 @@ class Aggregator:
         self.connection.publish(self.topics.task, b"", retain=True)
         record.close_seconds = round(time.monotonic() - closing, 4)
         self._announce(record)
+        self.state.announced = record.round
+        self.store.save(self.state)
         log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
                  record.round, len(record.participants), len(record.dropouts), record.rejected,
                  1000 * merge_seconds, record.bytes_in / 1e6, record.bytes_out / 1e6)
+
+    def _announce_missed(self) -> None:
+        """Announce the last closed round again if a kill came between advancing the state and announcing it."""
+        last = self.state.round - 1
+        if self.state.announced is None or self.state.announced >= last:
+            return
+        saved = self.store.metrics(last)
+        if saved is None:
+            raise StateError(f"{self.store.root}: round {last} closed but its metrics.json is missing; restore it "
+                             "from a backup or start a new --state-dir.")
+        log.info("announcing round %d, closed before the last stop without its announcement", last)
+        self._announce(RoundRecord.from_dict(saved))
+        self.state.announced = last
+        self.store.save(self.state)
 
     def _announce(self, record: RoundRecord) -> None:
         """Keep the record, append it to the metrics file, publish the RoundResult, call `on_round`."""

@@ -50,6 +50,9 @@ class AggregatorState:
     task: RoundTask | None = None
     server_optimizer: dict | None = None
     """The server optimizer's settings (None: the merge replaces the global each round)."""
+    announced: int | None = None
+    """The last round whose result was appended to the metrics file and published (None: a state
+    written before this was recorded, taken as announced)."""
 
 
 class StateDir:
@@ -63,7 +66,7 @@ class StateDir:
         """The saved state, or a fresh one; refuses a directory of another federation/bundle/strategy/server optimizer."""
         path = self.root / "state.json"
         if not path.exists():
-            return AggregatorState(federation, bundle_id, strategy, server_optimizer=server_optimizer)
+            return AggregatorState(federation, bundle_id, strategy, server_optimizer=server_optimizer, announced=0)
         try:
             data = json.loads(path.read_text())
             if data.pop("version") != STATE_VERSION:
@@ -79,7 +82,22 @@ class StateDir:
                 f"{state.strategy}, server optimizer {state.server_optimizer}), not {mine}: use another --state-dir "
                 "to start a new federation."
             )
+        self._remove_interrupted_writes()
         return state
+
+    def _remove_interrupted_writes(self) -> None:
+        """Remove what writes cut short by a kill left behind: every atomic write and peft folder swap
+        works on a dot-named sibling of its target (`.<name>.<random>`, `.<name>.old`), and nothing
+        else in a state directory starts with a dot."""
+        folders = [self.root, *sorted((self.root / "rounds").glob("[0-9]*"))]
+        folders += [sub for folder in folders[1:] for sub in (folder / "updates", folder / "chunks") if sub.is_dir()]
+        folders += [sub for folder in folders if folder.name == "chunks" for sub in folder.iterdir() if sub.is_dir()]
+        for folder in folders:
+            for leftover in folder.glob(".*"):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
     def save(self, state: AggregatorState) -> None:
         body = {"version": STATE_VERSION, **asdict(state)}
@@ -155,6 +173,11 @@ class StateDir:
 
     def save_metrics(self, round_number: int, record: dict) -> None:
         write_atomic(self.round_dir(round_number) / "metrics.json", json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def metrics(self, round_number: int) -> dict | None:
+        """A closed round's saved metrics record, if there is one."""
+        path = self.round_dir(round_number) / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def peft_dir(self, round_number: int) -> Path:
         return self.round_dir(round_number) / "peft"

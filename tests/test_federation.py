@@ -142,7 +142,8 @@ def _check_closed_form_head(state, manifest) -> None:
 def test_kill_9_mid_transfer_keeps_the_chunks_already_acknowledged(minilm_bundle, trained_adapters, mosquitto,
                                                                   tmp_path):
     """Chunks of an unfinished update are on disk before the broker forgets them: after a kill -9 in the
-    middle of a 7-chunk transfer, the restarted aggregator completes it from the rest the broker queued."""
+    middle of a 7-chunk transfer, the restarted aggregator completes it from the rest the broker queued,
+    and removes the temp files that writes cut short leave behind."""
     from edge_sdk.protocol import AdapterHeader, encode_adapter, split_payload
     from edge_sdk.protocol.transport import BrokerSettings
     from tests.federation import ReplayClient
@@ -162,6 +163,11 @@ def test_kill_9_mid_transfer_keeps_the_chunks_already_acknowledged(minilm_bundle
     wait_for(lambda: kept.is_dir() and len(list(kept.glob("*.chunk"))) == 3, 60, "three chunks on disk")
     os.kill(aggregator.pid, signal.SIGKILL)
     aggregator.wait()
+    leftovers = [state / ".state.json.k2x9", state / "rounds" / "0001" / "updates" / ".dev1.fpa.q7w1",
+                 kept / ".0a1b.chunk.zz3", state / "rounds" / "0001" / ".peft.old" / "adapter_config.json"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half-written")
     device.send_raw(device.topics.update("dev0"), chunks[3:])
     aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, log, *args)
     finish([aggregator], 300, [log])
@@ -169,6 +175,8 @@ def test_kill_9_mid_transfer_keeps_the_chunks_already_acknowledged(minilm_bundle
     assert read_metrics(state)[0]["participants"] == ["dev0"]
     assert (state / "rounds" / "0001" / "updates" / "dev0.fpa").read_bytes() == payload
     assert not (state / "rounds" / "0001" / "chunks").exists()
+    assert not any(p.exists() for p in leftovers) and not (state / "rounds" / "0001" / ".peft.old").exists(), \
+        "interrupted writes are removed at start-up"
 
 
 def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundle, mosquitto, tmp_path):

@@ -1,7 +1,9 @@
-"""≥1000 malformed payloads into a live round: each is dropped with a reason, nothing crashes, the result is unchanged."""
+"""≥1000 malformed payloads into a live round: each is dropped with a reason, nothing crashes, the result is unchanged;
+and a restart after a kill at the end of a round announces what the kill cut off."""
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import random
@@ -132,3 +134,34 @@ def test_a_thousand_malformed_updates_are_dropped_and_change_nothing(minilm_bund
         assert np.array_equal(fuzzed.lora[layer][0], a) and np.array_equal(fuzzed.lora[layer][1], b)
     for name, value in clean.head.items():
         assert np.array_equal(fuzzed.head[name], value)
+
+
+def test_a_round_closed_but_not_announced_before_a_kill_is_announced_at_restart(minilm_bundle, trained_adapters,
+                                                                                 mosquitto, tmp_path):
+    """A kill between advancing the state and announcing the round: the restart appends the round to the
+    metrics file and publishes its result, from the record saved with the round."""
+    settings = BrokerSettings.from_url(mosquitto.url)
+    state, metrics = tmp_path / "state", tmp_path / "metrics.jsonl"
+    options = dict(rounds=1, clients_per_round=1, min_clients=1, round_timeout=300, metrics_file=metrics)
+    aggregator, thread, errors = aggregator_thread(minilm_bundle, settings, state, "late", **options)
+    device = ReplayClient(settings, "late", "dev0", 8).join()
+    task = device.next_task()
+    device.upload(encode_adapter(trained_adapters["r8-0"], AdapterHeader("late", task.round, "dev0", 8, 50)))
+    thread.join(120)
+    assert not thread.is_alive() and not errors, errors
+    announced = metrics.read_text()
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["round"] == 2 and saved["announced"] == 1
+    saved["announced"] = 0
+    (state / "state.json").write_text(json.dumps(saved))
+    metrics.write_text("")
+
+    again, thread, errors = aggregator_thread(minilm_bundle, settings, state, "late", **options)
+    thread.join(120)
+    device.close()
+    assert not thread.is_alive() and not errors, errors
+    assert [r.round for r in again.records] == [1]
+    record, original = json.loads(metrics.read_text()), json.loads(announced)
+    assert record.pop("close_seconds") == 0.0 < original.pop("close_seconds"), "closing time is measured after saving"
+    assert record == original
+    assert json.loads((state / "state.json").read_text())["announced"] == 1
