@@ -89,15 +89,19 @@ def test_a_device_reporting_inflated_features_or_counts_is_bounded_by_the_cap() 
     np.testing.assert_allclose(weighed.gram / weighed.samples, many.gram / many.samples, rtol=1e-9)
 
 
-def test_the_server_replaces_the_averaged_head_by_the_solved_one_and_keeps_decayed_statistics() -> None:
-    rng = np.random.default_rng(3)
+def _exact_server(rng: np.random.Generator):
+    """(manifest with head names w and b, filler, exact start state, its tier adapters, adafactor)."""
     manifest = _Manifest()
     manifest.output_weight, manifest.output_bias = "w", "b"
     start = _start(rng)
     filler = {n: a for n, (a, _) in start.lora.items()}
     state = initial_state(start, LAYERS, "exact")
     sent, _ = tier_adapters(state, LAYERS, RANKS, filler)
-    optimizer = ServerOptimizer("adafactor", lr=1e-3)
+    return manifest, filler, state, sent, ServerOptimizer("adafactor", lr=1e-3)
+
+
+def test_the_server_replaces_the_averaged_head_by_the_solved_one_and_keeps_decayed_statistics() -> None:
+    manifest, filler, state, sent, optimizer = _exact_server(np.random.default_rng(3))
     rounds = []
     for _ in range(2):
         updates = {}
@@ -123,13 +127,7 @@ def test_the_server_replaces_the_averaged_head_by_the_solved_one_and_keeps_decay
 def test_after_the_statistics_rounds_the_solved_head_stays_and_client_heads_are_ignored() -> None:
     """`TrainingConfig.statistics_rounds`: devices stop sending statistics, the server keeps its last head."""
     rng = np.random.default_rng(4)
-    manifest = _Manifest()
-    manifest.output_weight, manifest.output_bias = "w", "b"
-    start = _start(rng)
-    filler = {n: a for n, (a, _) in start.lora.items()}
-    state = initial_state(start, LAYERS, "exact")
-    sent, _ = tier_adapters(state, LAYERS, RANKS, filler)
-    optimizer = ServerOptimizer("adafactor", lr=1e-3)
+    manifest, filler, state, sent, optimizer = _exact_server(rng)
     stats = _statistics(*_gaussian_classes(rng, 8, classes=2, width=12), classes=2)
     first = {"c0": (AdapterHeader("f", 1, "c0", 2, 16), Adapter(2, sent[2].lora, sent[2].head, stats))}
     solved, _, state = merge_with_server("svd-weighted", first, sent, state, optimizer, manifest, filler,
