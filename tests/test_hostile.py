@@ -72,3 +72,21 @@ def test_factor_merges_bound_a_thousandfold_b_like_the_exact_ones(minilm_bundle:
         assert np.linalg.norm(merged_b) <= NORM_CAP * np.linalg.norm(b) * (1 + 1e-6), layer
         assert np.linalg.norm(merged_a) <= NORM_CAP * np.linalg.norm(a) * (1 + 1e-6), layer
         assert max(result.weights[layer].values()) <= NORM_CAP / (NORM_CAP + 3) + 1e-9
+
+
+@pytest.mark.parametrize("factor", [1000.0, -1000.0])
+def test_trimmed_mean_keeps_every_entry_within_the_honest_range(minilm_bundle: Path, trained_adapters, factor) -> None:
+    """One of five devices sends an honest update ×1000 (or flipped ×−1000): trimmed-mean drops it from every
+    entry of every layer, so ΔW_g stays entrywise between the honest devices' ΔW_i."""
+    manifest = read_manifest(minilm_bundle)
+    honest = [trained_adapters["r8-0"], trained_adapters["r8-1"]] * 2
+    loud = Adapter(8, {k: (a, b * factor) for k, (a, b) in honest[0].lora.items()}, honest[0].head)
+    updates = {f"dev{i}": (AdapterHeader("f", 1, f"dev{i}", 8, 100), adapter) for i, adapter in enumerate(honest)}
+    updates["mallory"] = (AdapterHeader("f", 1, "mallory", 8, 100), loud)
+    _, result = merge_round("trimmed-mean", updates, manifest)
+    scaling = manifest.lora.alpha / 8
+    for layer in honest[0].lora:
+        deltas = np.stack([scaling * h.lora[layer][1].astype(np.float64) @ h.lora[layer][0] for h in honest[:2]])
+        merged = result.global_state[layer].dense().astype(np.float64)
+        assert (merged >= deltas.min(axis=0) - 1e-5).all() and (merged <= deltas.max(axis=0) + 1e-5).all(), layer
+        assert result.weights[layer]["mallory"] < 0.05, result.weights[layer]

@@ -15,6 +15,7 @@ from aggregator.strategies.flexlora import flexlora
 from aggregator.strategies.flora import flora
 from aggregator.strategies.hetlora import hetlora
 from aggregator.strategies.svd_weighted import svd_weighted
+from aggregator.strategies.trimmed_mean import trimmed_mean
 
 STRATEGIES: dict[str, StrategySpec] = {
     "svd-weighted": StrategySpec(svd_weighted, "exact merge weighted by n_i·‖ΔW_i‖_F, best rank-r per tier",
@@ -27,6 +28,8 @@ STRATEGIES: dict[str, StrategySpec] = {
                           device_blocker="FLoRA folds each round into the frozen base weights, which a device "
                                          "cannot change"),
     "ffa-lora": StrategySpec(ffa_lora, "A frozen and shared, B averaged", frozen_a=True, state="factors"),
+    "trimmed-mean": StrategySpec(trimmed_mean, "coordinate-wise trimmed mean of the clients' ΔW_i (robust to a few "
+                                 "hostile devices), best rank-r per tier", state="exact"),
 }
 DEFAULT_STRATEGY = "svd-weighted"
 
