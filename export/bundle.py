@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -57,6 +58,8 @@ class ExportOptions:
     target_modules: tuple[str, ...] | str | None = None
     ranks: tuple[int, ...] = (2, 4, 8, 16)
     alpha: float = 16.0
+    scaling: float | None = None
+    """Every tier's LoRA scaling (lora_alpha = scaling × r); None: alpha / r, peft's default."""
     train_head: bool = True
     max_seq_len: int = 128
     opset: int = 17
@@ -103,6 +106,8 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"Ranks must be positive integers; got {bad}.")
     if options.task == "causal-lm" and options.train_head:
         raise ExportError("causal-lm trains LoRA only: the LM head is tied to the embeddings. Pass --no-train-head.")
+    if options.scaling is not None and not (math.isfinite(options.scaling) and options.scaling > 0):
+        raise ExportError(f"--scaling must be a positive number, got {options.scaling}.")
     if options.max_seq_len <= 0:
         raise ExportError("--max-seq-len must be positive.")
     if options.svd_init and options.freeze_lora_a:
@@ -165,7 +170,7 @@ def _export_tiers(
     exported: _Exported | None = None
     for rank in sorted(set(options.ranks)):
         loaded = load_lora_model(
-            model_dir, options.task, rank, options.alpha,
+            model_dir, options.task, rank, options.alpha if options.scaling is None else options.scaling * rank,
             list(options.target_modules) if isinstance(options.target_modules, tuple) else options.target_modules,
             options.train_head, options.num_labels,
             shared_a_rank=max(options.ranks) if options.freeze_lora_a else None,
@@ -213,7 +218,8 @@ def _manifest(work: Path, model_dir: Path, options: ExportOptions, exported: _Ex
         max_seq_len=options.max_seq_len,
         opset=options.opset,
         lora=LoraSettings(
-            target_modules=first.target_modules, alpha=options.alpha, dropout=0.0, train_head=options.train_head,
+            target_modules=first.target_modules, alpha=options.alpha, scaling=options.scaling, dropout=0.0,
+            train_head=options.train_head,
             ignore_index=IGNORE_INDEX, frozen_a_seed=SHARED_A_SEED if options.freeze_lora_a else None,
             svd_init=svd_init, full_finetune=options.full_finetune, optimizer=options.optimizer,
             proximal=options.proximal,

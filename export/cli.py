@@ -42,6 +42,9 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "[default: the attention query/value projections: query,value or q_proj,v_proj].")
 @click.option("--ranks", default="2,4,8,16", show_default=True, callback=_ranks, help="LoRA rank tiers.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scaling = alpha / r).")
+@click.option("--scaling", type=float, default=None,
+              help="One LoRA scaling for every tier instead of alpha / r (lora_alpha = scaling × r), so that the "
+                   "first r components of a higher tier mean the same ΔW at tier r.")
 @click.option("--train-head/--no-train-head", default=True, show_default=True, help="Also train the task head.")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Longest token sequence devices feed (recorded in the manifest).")
@@ -65,7 +68,7 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "at run time (`fedpeft-aggregator --proximal-mu`; 0 turns it off).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
-         ranks: tuple[int, ...], alpha: float, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
+         ranks: tuple[int, ...], alpha: float, scaling: float | None, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
          svd_init: bool, full_finetune: bool, optimizer: OptimizerName, proximal: bool, force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,6 +84,7 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
         target_modules=target_modules,
         ranks=ranks,
         alpha=alpha,
+        scaling=scaling,
         train_head=train_head,
         max_seq_len=max_seq_len,
         opset=opset,

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
+from aggregator.strategies.base import layer_specs_from_manifest
 from edge_sdk.bundle import open_tier
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.encoders import TextEncoder
@@ -108,6 +109,20 @@ def test_cli_no_train_head_trains_lora_only(tmp_path: Path) -> None:
     assert tier.trainable_count == 2 * LAYERS * 4 * 2 * HIDDEN
 
 
+def test_cli_scaling_gives_every_tier_one_scaling_that_the_aggregator_reads(tmp_path: Path, minilm_bundle: Path) -> None:
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(export_cli, ["--out", str(out), "--ranks", "2,4", "--scaling", "2", "--no-train-head"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest.lora.scaling == 2.0
+    assert {pair.scaling for tier in manifest.tiers for pair in tier.lora_pairs} == {2.0}
+    assert all(tier.parity_max_abs_diff is not None and tier.parity_max_abs_diff <= 1e-4 for tier in manifest.tiers)
+    specs = layer_specs_from_manifest(manifest)
+    assert all(spec.scaling(2) == spec.scaling(4) == 2.0 for spec in specs.values())
+    standard = layer_specs_from_manifest(read_manifest(minilm_bundle))
+    assert all(spec.scaling(2) == 8.0 and spec.scaling(8) == 2.0 for spec in standard.values())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -116,6 +131,7 @@ def test_cli_no_train_head_trains_lora_only(tmp_path: Path) -> None:
         (["--ranks", "0"], "positive integers"),
         (["--ranks", "2,x"], "comma-separated list of integers"),
         (["--ranks", "-4"], "positive integers"),
+        (["--scaling", "0"], "positive number"),
         (["--task", "speech"], "Invalid value for '--task'"),
         (["--target-modules", "q,v"], "Linear module names: classifier, dense, key, query, value"),
     ],

@@ -20,9 +20,11 @@ class LayerSpec:
     in_features: int
     out_features: int
     alpha: float
+    constant: bool = False
+    """Every tier scales by `alpha` itself (`fedpeft-export --scaling`), not by alpha / r."""
 
     def scaling(self, rank: int) -> float:
-        return self.alpha / rank
+        return self.alpha if self.constant else self.alpha / rank
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class StrategySpec:
 def layer_specs_from_manifest(manifest) -> dict[str, LayerSpec]:
     """Layer specs from a bundle manifest (`edge_sdk.protocol.manifest.Manifest`)."""
     tier = manifest.tiers[0]
+    constant = len(manifest.tiers) > 1 and len({t.lora_pairs[0].scaling for t in manifest.tiers}) == 1
     return {
-        p.layer: LayerSpec(p.layer, p.a_shape[1], p.b_shape[0], p.scaling * p.rank)
+        p.layer: LayerSpec(p.layer, p.a_shape[1], p.b_shape[0], p.scaling if constant else p.scaling * p.rank, constant)
         for p in tier.lora_pairs
     }

@@ -79,6 +79,8 @@ class LoraSettings:
     dropout: float = 0.0
     train_head: bool = True
     ignore_index: int = -100
+    scaling: float | None = None
+    """One LoRA scaling for every tier (`fedpeft-export --scaling`); None: alpha / r per tier."""
     frozen_a_seed: int | None = None
     """Every A frozen at one seeded draw (`--freeze-lora-a`, for ffa-lora); None: A trains."""
     svd_init: SvdInit | None = None
