@@ -35,6 +35,7 @@ from edge_sdk.protocol.adapter import adapter_from_parameters
 
 StateForm = Literal["exact", "factors"]
 OptimizerName = Literal["sgd", "adam", "yogi", "adafactor"]
+Schedule = Literal["constant", "cosine"]
 HEAD = "head::"
 KEPT_COMPONENTS = 64
 """Singular triplets of a dense ΔW_g kept with each round (tiers use at most the top tier's rank)."""
@@ -48,7 +49,9 @@ class ServerOptimizer:
     adam / yogi / adafactor: first and second moments with bias correction, θ ← θ + lr·m̂ / (√v̂ + eps);
     yogi moves v by sign(g² − v) (Zaheer et al. 2018); adafactor factors a matrix's v into row and
     column means (Shazeer & Stern 2018), which keeps the step's rank that of m. `head_lr` steps the
-    head (default `lr`).
+    head (default `lr`). `schedule` "cosine" anneals both learning rates from their value at step 1
+    to `lr_floor` × it at step `horizon` (the federation's rounds) and holds them there, so the
+    global settles instead of moving with each round's sample of devices.
     """
 
     name: OptimizerName = "adam"
@@ -57,6 +60,9 @@ class ServerOptimizer:
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-5
+    schedule: Schedule = "constant"
+    horizon: int | None = None
+    lr_floor: float = 0.0
 
     def __post_init__(self) -> None:
         values = (self.lr, self.head_lr if self.head_lr is not None else self.lr, self.beta1, self.beta2, self.eps)
@@ -64,6 +70,17 @@ class ServerOptimizer:
             raise ValueError("The server optimizer needs finite, positive lr, head_lr and eps.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("The server optimizer's beta1 and beta2 must lie in [0, 1).")
+        if self.schedule == "cosine" and (self.horizon is None or self.horizon < 1):
+            raise ValueError("A cosine server schedule needs its horizon: the number of rounds, at least 1.")
+        if not 0 <= self.lr_floor <= 1:
+            raise ValueError("The server schedule's lr_floor is a fraction of the lr, in [0, 1].")
+
+    def lr_factor(self, t: int) -> float:
+        """What the schedule multiplies the learning rates by at server step `t` (1-based)."""
+        if self.schedule == "constant" or self.horizon == 1:
+            return 1.0
+        progress = min(t - 1, self.horizon - 1) / (self.horizon - 1)
+        return self.lr_floor + (1 - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -115,6 +132,7 @@ def step(state: ServerState, grads: Mapping[str, np.ndarray], optimizer: ServerO
     for key, g in grads.items():
         g = g.astype(np.float64)
         lr = optimizer.head_lr if key.startswith(HEAD) and optimizer.head_lr is not None else optimizer.lr
+        lr *= optimizer.lr_factor(t)
         first = 1.0 if optimizer.name == "sgd" else 1 - optimizer.beta1
         m = optimizer.beta1 * moments.get(f"m::{key}", 0.0) + first * g
         moments[f"m::{key}"] = np.asarray(m, dtype=np.float32)

@@ -50,6 +50,25 @@ def test_adam_step_matches_its_definition() -> None:
         ServerOptimizer("adam", lr=float("nan"))
 
 
+def test_cosine_schedule_anneals_both_learning_rates_to_the_floor_by_the_last_round() -> None:
+    opt = ServerOptimizer("sgd", lr=2.0, head_lr=0.5, beta1=0.0, schedule="cosine", horizon=5, lr_floor=0.1)
+    state = ServerState("exact", 0, {"x": np.zeros(1, np.float32), "head::b": np.zeros(1, np.float32)}, {})
+    moves = []
+    for _ in range(7):
+        before = state.params
+        state = step(state, {"x": np.ones(1), "head::b": np.ones(1)}, opt)
+        moves.append((float(state.params["x"][0] - before["x"][0]), float(state.params["head::b"][0] - before["head::b"][0])))
+    np.testing.assert_allclose(moves[0], [2.0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(moves[2], [2.0 * 0.55, 0.5 * 0.55], rtol=1e-6)
+    np.testing.assert_allclose(moves[4:], [[0.2, 0.05]] * 3, rtol=1e-6)
+    assert all(a[0] > b[0] for a, b in zip(moves[:4], moves[1:5]))
+    assert ServerOptimizer("adam", lr=1e-3).lr_factor(10_000) == 1.0
+    with pytest.raises(ValueError, match="horizon"):
+        ServerOptimizer("adam", schedule="cosine")
+    with pytest.raises(ValueError, match="lr_floor"):
+        ServerOptimizer("adam", schedule="cosine", horizon=10, lr_floor=1.5)
+
+
 def test_adafactor_keeps_a_low_rank_update_low_rank_where_adam_spreads_it() -> None:
     rng = np.random.default_rng(3)
     g = rng.standard_normal((12, 2)) @ rng.standard_normal((2, 10))
