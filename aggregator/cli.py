@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-from aggregator.cli_options import head_options, server_optimizer, server_optimizer_options
+from aggregator.cli_options import (
+    head_options, privacy_options, privacy_settings, server_optimizer, server_optimizer_options,
+)
 from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateError
@@ -52,6 +54,7 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
 @click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="τ of logit-adjusted local cross-entropy (logits + τ·log of each device's label frequencies).")
 @head_options
+@privacy_options
 @click.option("--sample-cap", type=click.FloatRange(min=1), default=SAMPLE_CAP, show_default=True,
               help="A client's self-reported sample count weighs at most this many times the round's median.")
 @server_optimizer_options
@@ -67,9 +70,11 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,
          metrics_file: Path | None, seed: int,
          steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, logit_adjustment: float,
-         closed_form_head: bool, statistics_rounds: int | None,
+         closed_form_head: bool, statistics_rounds: int | None, dp_clip: float | None, dp_noise: float | None,
+         dp_delta: float | None,
          sample_cap: float, server_opt: str, server_lr: float, server_head_lr: float | None, server_beta1: float,
-         server_beta2: float, server_eps: float,
+         server_beta2: float, server_eps: float, server_schedule: str,
+         server_lr_floor: float,
          r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int, log_level: str) -> None:
     """Sample online clients, collect and validate their adapters, merge, persist and publish each round."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -94,7 +99,9 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
                                 feature_statistics=closed_form_head, statistics_rounds=statistics_rounds),
         rank_policy=policy, head=head, dtype=dtype,
         chunk_size=chunk_size, metrics_file=metrics_file, sample_cap=sample_cap,
-        server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
+        privacy=privacy_settings(strategy, dp_clip, dp_noise, dp_delta),
+        server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps,
+                                          server_schedule, server_lr_floor, rounds),
     )
     embedded = None
     if broker_url == "embedded":

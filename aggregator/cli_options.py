@@ -6,11 +6,14 @@ from typing import get_args
 
 import click
 
-from aggregator.server_state import OptimizerName, ServerOptimizer
+from aggregator.privacy import DpSettings
+from aggregator.server_state import OptimizerName, Schedule, ServerOptimizer
+from aggregator.strategies import STRATEGIES
 
 
 def server_optimizer_options(func):
-    """--server-opt, --server-lr, --server-head-lr, --server-beta1, --server-beta2, --server-eps."""
+    """--server-opt, --server-lr, --server-head-lr, --server-beta1, --server-beta2, --server-eps, --server-schedule,
+    --server-lr-floor."""
     options = [
         click.option("--server-opt", type=click.Choice(["none", *get_args(OptimizerName)]), default="none",
                      show_default=True,
@@ -21,21 +24,62 @@ def server_optimizer_options(func):
                      help="First-moment decay (adam, yogi) or momentum (sgd: FedAvgM; 0 for plain steps)."),
         click.option("--server-beta2", type=float, default=0.99, show_default=True, help="Second-moment decay."),
         click.option("--server-eps", type=float, default=1e-5, show_default=True, help="Adaptivity ε (τ)."),
+        click.option("--server-schedule", type=click.Choice(get_args(Schedule)), default="constant", show_default=True,
+                     help="Server learning rates over the rounds (cosine: annealed to --server-lr-floor × them by "
+                          "the last round)."),
+        click.option("--server-lr-floor", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="With --server-schedule cosine: the last round's learning rates as a fraction of the first's."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def server_optimizer(name: str, lr: float, head_lr: float | None, beta1: float, beta2: float,
-                     eps: float) -> ServerOptimizer | None:
-    """The options as a ServerOptimizer (None for 'none'); a bad value is a usage error."""
+def server_optimizer(name: str, lr: float, head_lr: float | None, beta1: float, beta2: float, eps: float,
+                     schedule: Schedule, lr_floor: float, rounds: int) -> ServerOptimizer | None:
+    """The options as a ServerOptimizer (None for 'none') over `rounds` rounds; a bad value is a usage error."""
     if name == "none":
+        if schedule != "constant":
+            raise click.BadParameter("A server schedule needs a server optimizer; give --server-opt.",
+                                     param_hint="--server-schedule")
         return None
     try:
-        return ServerOptimizer(name, lr=lr, head_lr=head_lr, beta1=beta1, beta2=beta2, eps=eps)
+        return ServerOptimizer(name, lr=lr, head_lr=head_lr, beta1=beta1, beta2=beta2, eps=eps, schedule=schedule,
+                               horizon=rounds, lr_floor=lr_floor)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--server-*") from None
+
+
+def privacy_options(func):
+    """--dp-clip, --dp-noise, --dp-delta (with --strategy dp-fedavg)."""
+    options = [
+        click.option("--dp-clip", type=float, default=None,
+                     help="dp-fedavg: L2 norm each client's whole update (adapter and head) is clipped to."),
+        click.option("--dp-noise", type=float, default=None,
+                     help="dp-fedavg: noise multiplier z; the sum of clipped updates gets Gaussian noise of std z × clip."),
+        click.option("--dp-delta", type=float, default=None,
+                     help="dp-fedavg: δ of the reported (ε, δ) [default: 1 / the clients online]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def privacy_settings(strategy: str, clip: float | None, noise: float | None,
+                     delta: float | None) -> DpSettings | None:
+    """The --dp-* options as DpSettings (None for a strategy without DP); a missing or bad value is a usage error."""
+    given = clip is not None or noise is not None or delta is not None
+    spec = STRATEGIES.get(strategy)
+    if spec is None or not spec.private:
+        if given:
+            raise click.BadParameter(f"--dp-* belong to --strategy dp-fedavg, not {strategy}.", param_hint="--dp-*")
+        return None
+    if clip is None or noise is None:
+        raise click.BadParameter(f"{strategy} needs --dp-clip and --dp-noise.", param_hint="--dp-*")
+    try:
+        return DpSettings(clip, noise, delta)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--dp-*") from None
 
 
 def head_options(func):

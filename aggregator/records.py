@@ -36,6 +36,9 @@ class RoundRecord:
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """Participant → the metrics its upload's header carried (training time, loss, local evaluation)."""
     close_seconds: float = 0.0
+    dp_epsilon: float | None = None
+    """With dp-fedavg: the ε spent by all rounds so far at `dp_delta` (None without noise, or without DP)."""
+    dp_delta: float | None = None
 
     @classmethod
     def from_dict(cls, body: dict) -> RoundRecord:

@@ -9,6 +9,7 @@ import numpy as np
 
 from aggregator.bounds import SAMPLE_CAP, bounded_counts
 from aggregator.closed_form import solved_head
+from aggregator.privacy import KEY, LEDGER, DpSettings, Sampling, noise_generator
 from aggregator.server_state import HEAD, ServerOptimizer, ServerState, step, tier_adapters
 from aggregator.strategies import ClientUpdate, MergeResult, get_strategy
 from aggregator.strategies.base import layer_specs_from_manifest
@@ -72,7 +73,8 @@ def _average_heads(heads: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, 
 def merge_with_server(
     strategy: str, updates: Mapping[str, tuple[AdapterHeader, Adapter]], sent: Mapping[int, Adapter],
     state: ServerState, optimizer: ServerOptimizer, manifest: Manifest, filler: Mapping[str, np.ndarray],
-    sample_cap: float = SAMPLE_CAP, closed_form: bool = False,
+    sample_cap: float = SAMPLE_CAP, closed_form: bool = False, privacy: DpSettings | None = None,
+    sampling: Sampling | None = None,
 ) -> tuple[dict[int, Adapter], MergeResult, ServerState]:
     """Per-tier adapters from the server state stepped with the round's pseudo-gradient.
 
@@ -81,8 +83,10 @@ def merge_with_server(
     sample-weighted mean of the head updates (counts bounded as in `merge_round`). Where the updates
     carry feature statistics, the head is instead solved in closed form from them (`closed_form`),
     pooled over rounds in the state; with `closed_form` and none sent (the rounds after
-    `TrainingConfig.statistics_rounds`) the head stays as solved last. The result's `global_state` is
-    the new ΔW_g's SVD.
+    `TrainingConfig.statistics_rounds`) the head stays as solved last. A private strategy (dp-fedavg)
+    merges the head with the adapter under `privacy`, with noise from the state's secret key, and
+    adds the round's `sampling` to the state's privacy ledger. The result's
+    `global_state` is the new ΔW_g's SVD.
     """
     spec = get_strategy(strategy)
     ordered = [updates[cid] for cid in sorted(updates)]
@@ -90,7 +94,19 @@ def merge_with_server(
     client_updates = [ClientUpdate(client_id=h.client_id, rank=a.rank, num_samples=n, factors=a.lora,
                                    sent=sent[a.rank].lora) for n, (h, a) in zip(counts, ordered)]
     layers = layer_specs_from_manifest(manifest)
-    result = spec(client_updates, layers, manifest.ranks)
+    if spec.private:
+        if privacy is None or sampling is None or KEY not in state.moments:
+            raise ValueError(f"{strategy} needs the privacy settings, the round's sampling and a server state "
+                             "that holds the noise key.")
+        if closed_form:
+            raise ValueError(f"{strategy} takes no feature statistics: they would leave the devices unprotected.")
+        reference = sent[max(manifest.ranks)].head
+        heads = {h.client_id: {k: v - reference[k] for k, v in a.head.items()} for h, a in ordered}
+        result = spec(client_updates, layers, manifest.ranks, clip=privacy.clip,
+                      noise_multiplier=privacy.noise_multiplier, sampled=sampling.sampled,
+                      rng=noise_generator(state.moments[KEY], state.step + 1), head_updates=heads)
+    else:
+        result = spec(client_updates, layers, manifest.ranks)
     grads: dict[str, np.ndarray] = {}
     if state.form == "exact":
         grads.update({f"{name}::W": factors.dense() for name, factors in result.global_state.items()})
@@ -100,12 +116,17 @@ def merge_with_server(
             if not spec.frozen_a:
                 grads[f"{name}::A"] = a
     statistics = [a.statistics for _, a in ordered if a.statistics is not None]
-    if not statistics and not closed_form:
+    if result.head is not None:
+        grads.update({HEAD + name: value for name, value in result.head.items()})
+    elif not statistics and not closed_form:
         reference = sent[max(manifest.ranks)].head
         heads = _average_heads([(n, {k: v - reference[k] for k, v in a.head.items()})
                                 for n, (_, a) in zip(counts, ordered)])
         grads.update({HEAD + name: value for name, value in heads.items()})
     new_state = step(state, grads, optimizer)
+    if spec.private:
+        new_state.moments[LEDGER] = np.concatenate([state.moments.get(LEDGER, np.zeros((0, 3))),
+                                                    sampling.ledger_row(privacy.noise_multiplier)])
     if statistics:
         (weight, bias), pooled = solved_head({k: v for k, v in state.moments.items() if k in STATISTICS_KEYS},
                                              statistics, sample_cap)

@@ -14,7 +14,7 @@ import math
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,11 @@ import paho.mqtt.client as mqtt
 
 from aggregator.records import RoundRecord
 from aggregator.global_model import AGGREGATOR_ID, GlobalModel
+from aggregator.privacy import DpSettings, Sampling, require_accountant
 from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.server_state import ServerOptimizer
 from aggregator.state import StateDir, StateError
+from aggregator.strategies import get_strategy
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
 from aggregator.traffic import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.protocol import (
@@ -65,6 +67,8 @@ class AggregatorOptions:
     steps it with the merged client updates (`aggregator.server_state`)."""
     sample_cap: float = SAMPLE_CAP
     """A client's self-reported sample count weighs at most this many times the round's median."""
+    privacy: DpSettings | None = None
+    """Clip norm, noise and δ of a private strategy (dp-fedavg); None for the others."""
 
     def sample_size(self, online: int) -> int:
         wanted = self.clients_per_round if self.clients_per_round else math.ceil((self.fraction or 1.0) * online)
@@ -91,6 +95,23 @@ def check_head_options(options: AggregatorOptions, manifest: Manifest) -> None:
     if options.head != "shared" or options.server_optimizer is None:
         raise ValueError("A closed-form head is solved by the server for everyone: run it with the head shared "
                          "and a server optimizer (--server-opt).")
+
+
+def check_privacy_options(options: AggregatorOptions) -> None:
+    """Raise ValueError unless privacy settings come exactly with a private strategy and what it needs."""
+    private = get_strategy(options.strategy).private
+    if private and options.privacy is None:
+        raise ValueError(f"{options.strategy} needs its clip norm and noise multiplier (--dp-clip, --dp-noise).")
+    if not private and options.privacy is not None:
+        raise ValueError(f"Strategy {options.strategy} adds no noise; the DP settings belong to dp-fedavg.")
+    if private and options.server_optimizer is None:
+        raise ValueError(f"{options.strategy} clips each update against the global it was sent, which the server "
+                         "holds: give a server optimizer (--server-opt sgd --server-lr 1 is DP-FedAvg's own step).")
+    if private and options.training.feature_statistics:
+        raise ValueError(f"{options.strategy} cannot take a closed-form head: its feature statistics would leave "
+                         "the devices without noise.")
+    if private:
+        require_accountant()
 
 
 MAX_TOLD = 10_000
@@ -129,6 +150,7 @@ class Aggregator:
         if not (math.isfinite(options.sample_cap) and options.sample_cap >= 1):
             raise ValueError(f"sample_cap must be a finite number ≥ 1, got {options.sample_cap}.")
         check_head_options(options, self.manifest)
+        check_privacy_options(options)
         self.bundle_id = bundle_id(self.bundle)
         self.topics = Topics(options.federation)
         self.store = StateDir(options.state_dir)
@@ -136,7 +158,8 @@ class Aggregator:
         self.state = self.store.load(options.federation, self.bundle_id, options.strategy,
                                      asdict(optimizer) if optimizer else None)
         self.globals = GlobalModel(self.bundle, self.manifest, self.store, options.federation, options.strategy,
-                                   options.head, optimizer, options.sample_cap, options.training.feature_statistics)
+                                   options.head, optimizer, options.sample_cap, options.training.feature_statistics,
+                                   options.privacy)
         self.max_update_bytes = max_payload_bytes(self.manifest)
         self.online: dict[str, ClientStatus] = {}
         self.records: list[RoundRecord] = []
@@ -196,8 +219,7 @@ class Aggregator:
             self._load_accepted()
             self._replay_chunks()
             if task.deadline < time.time():
-                task = RoundTask(round=task.round, attempt=task.attempt, deadline=time.time() + self.options.round_timeout,
-                                 sampled=task.sampled, seed=task.seed, globals=task.globals)
+                task = replace(task, deadline=time.time() + self.options.round_timeout)
                 self._round.task = task
             log.info("resuming round %d with %d accepted updates", state.round, len(self._round.accepted))
             self._publish_task(task)
@@ -209,14 +231,16 @@ class Aggregator:
         self._round = _Round(self._new_task(attempt=0, keep=[]))
         self._publish_task(self._round.task)
 
-    def _new_task(self, attempt: int, keep: list[str]) -> RoundTask:
+    def _new_task(self, attempt: int, keep: list[str], population: int | None = None) -> RoundTask:
+        """Sample the round's clients (keeping `keep`); `population`: the online count of the first draw."""
         candidates = sorted(set(self.online) - set(keep))
         count = max(0, self.options.sample_size(len(self.online)) - len(keep))
         rng = np.random.default_rng([self.options.seed, self.state.round, attempt])
         picked = sorted(rng.choice(candidates, size=min(count, len(candidates)), replace=False).tolist()) if count else []
         refs = {str(rank): GlobalAdapterRef(**ref) for rank, ref in self._global_refs().items()}
         return RoundTask(round=self.state.round, attempt=attempt, deadline=time.time() + self.options.round_timeout,
-                         sampled=sorted(keep + picked), seed=int(rng.integers(2**31)), globals=refs)
+                         sampled=sorted(keep + picked), seed=int(rng.integers(2**31)), globals=refs,
+                         population=len(self.online) if population is None else population)
 
     def _global_refs(self) -> dict[int, dict]:
         payloads = self.store.globals(self.state.round - 1)
@@ -260,7 +284,8 @@ class Aggregator:
                 log.warning("round %d: %d of %d required updates by the deadline; sampling more clients",
                             current.task.round, len(current.accepted), self.options.min_clients)
                 self._wait_for_clients(len(current.accepted) + 1)
-                current.task = self._new_task(current.task.attempt + 1, keep=sorted(current.accepted))
+                current.task = self._new_task(current.task.attempt + 1, keep=sorted(current.accepted),
+                                              population=current.task.population)
                 self._publish_task(current.task)
                 continue
             self._handle_next(timeout=min(0.5, max(0.01, current.task.deadline - time.time())))
@@ -270,9 +295,13 @@ class Aggregator:
         current = self._round
         assert current is not None
         closing = time.monotonic()
-        payloads, merge_seconds = self.globals.close(current.task.round, current.accepted)
+        task = current.task
+        sampling = Sampling(max(task.population or 0, len(task.sampled)), len(task.sampled), task.attempt > 0)
+        payloads, merge_seconds, spent = self.globals.close(task.round, current.accepted, sampling)
         self.store.drop_chunks(current.task.round)
         record = self._record(current, payloads, merge_seconds)
+        if spent is not None:
+            record.dp_epsilon, record.dp_delta = spent
         self.store.save_metrics(record.round, record.to_dict())
         self.state.round, self.state.task = record.round + 1, None
         self.store.save(self.state)

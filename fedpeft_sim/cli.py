@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 
-from aggregator.cli_options import head_options, server_optimizer, server_optimizer_options
+from aggregator.cli_options import (
+    head_options, privacy_options, privacy_settings, server_optimizer, server_optimizer_options,
+)
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
@@ -117,6 +119,7 @@ def main(verbose: bool) -> None:
 @click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="τ of logit-adjusted local cross-entropy (logits + τ·log of each device's label frequencies).")
 @head_options
+@privacy_options
 @server_optimizer_options
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -134,8 +137,10 @@ def main(verbose: bool) -> None:
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
         seed: int, steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float,
-        logit_adjustment: float, closed_form_head: bool, statistics_rounds: int | None, server_opt: str, server_lr: float,
+        logit_adjustment: float, closed_form_head: bool, statistics_rounds: int | None, dp_clip: float | None,
+        dp_noise: float | None, dp_delta: float | None, server_opt: str, server_lr: float,
         server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
+        server_schedule: str, server_lr_floor: float,
         dtype: str, eval_samples: int, final_samples: int | None, eval_every: int, local_eval_every: int,
         pool_limit: int | None, trainer_cores: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
@@ -145,7 +150,9 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                                 proximal_mu=proximal_mu, logit_adjustment=logit_adjustment,
                                 feature_statistics=closed_form_head, statistics_rounds=statistics_rounds), dtype=dtype,
-        server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps),
+        server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps,
+                                          server_schedule, server_lr_floor, rounds),
+        privacy=privacy_settings(strategy, dp_clip, dp_noise, dp_delta),
         eval_samples=eval_samples, final_samples=final_samples, eval_every=eval_every,
         local_eval_every=local_eval_every, pool_limit=pool_limit,
         trainer_cores=trainer_cores, broker_url=broker,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.broker import local_broker
+from aggregator.privacy import DpSettings
 from aggregator.records import RoundRecord
 from aggregator.server_state import ServerOptimizer
 from aggregator.service import Aggregator, AggregatorOptions
@@ -76,6 +77,8 @@ class SimConfig:
     round_timeout: float = 900.0
     data: str = "rotten-tomatoes"
     server_optimizer: ServerOptimizer | None = None
+    privacy: DpSettings | None = None
+    """dp-fedavg's clip, noise and δ."""
     eval_every: int = 1
     """Score the global on the central subset every this many rounds (and after the last)."""
     trainer_cores: int | None = None
@@ -226,7 +229,7 @@ def _traffic(record: RoundRecord) -> dict:
         "bytes_down": record.bytes_out, "full_fedavg_bytes": record.full_fedavg_bytes,
         "full_fedavg_bytes_up": record.full_fedavg_bytes_up,
         "round_seconds": record.round_seconds, "merge_seconds": record.merge_seconds,
-    }
+    } | ({"dp_epsilon": record.dp_epsilon, "dp_delta": record.dp_delta} if record.dp_delta is not None else {})
 
 
 def energy_joules(cpu_seconds: float, preset: str) -> float:
@@ -280,7 +283,7 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
         federation=federation, rounds=config.rounds, state_dir=config.out / "state", fraction=config.fraction,
         min_online=config.clients, round_timeout=config.round_timeout, strategy=config.strategy, seed=config.seed,
         training=config.training, rank_policy=config.rank_policy or default_policy(config, clients),
-        dtype=config.dtype, server_optimizer=config.server_optimizer,
+        dtype=config.dtype, server_optimizer=config.server_optimizer, privacy=config.privacy,
     )
     aggregator = Aggregator(config.bundle, settings, options, on_round=evaluator)
     failures: list[BaseException] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -13,7 +14,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.closed_form import closed_form_head
-from aggregator.state import StateDir
+from aggregator.privacy import KEY, DpSettings, Sampling
+from aggregator.round_merge import merge_with_server
+from aggregator.server_state import ServerOptimizer, ServerState, initial_adapter
+from aggregator.state import SERVER_STATE_FILE, StateDir
 from edge_sdk.protocol import FeatureStatistics, decode_adapter
 from edge_sdk.protocol.codec import STATISTICS_KEYS
 from edge_sdk.protocol.manifest import read_manifest
@@ -78,8 +82,11 @@ def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bu
 
 
 @pytest.mark.parametrize("server", [(), ("--server-opt", "adam", "--server-lr", "1e-3", "--strategy", "svd-weighted",
-                                         "--closed-form-head", "--statistics-rounds", "1")],
-                         ids=["replace-merge", "server-adam-closed-form-head"])
+                                         "--server-schedule", "cosine", "--server-lr-floor", "0.1",
+                                         "--closed-form-head", "--statistics-rounds", "1"),
+                                    ("--strategy", "dp-fedavg", "--server-opt", "sgd", "--server-lr", "1",
+                                     "--server-beta1", "0", "--dp-clip", "0.5", "--dp-noise", "0.3")],
+                         ids=["replace-merge", "server-adam-closed-form-head", "dp-fedavg"])
 def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninterrupted_run(
         minilm_bundle, mosquitto, tmp_path, server):
     pool, _ = rotten_tomatoes_split()
@@ -101,6 +108,8 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
             wait_for(lambda: updates.is_dir() and len(list(updates.glob("*.fpa"))) >= 1, 300, "a first accepted update")
             os.kill(aggregator.pid, signal.SIGKILL)
             aggregator.wait()
+            if "dp-fedavg" in server:
+                (tmp_path / "round1-state").write_bytes(StateDir(state).round_dir(1).joinpath(SERVER_STATE_FILE).read_bytes())
             accepted_before = sorted(p.stem for p in updates.glob("*.fpa"))
             assert 1 <= len(accepted_before) < 3, "the kill must land in the middle of the round"
             aggregator = start_aggregator(minilm_bundle, mosquitto.url, state, logs[0], *fed_args)
@@ -113,6 +122,10 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
     uninterrupted, clean_metrics = federation("clean", None)
     resumed, crash_metrics = federation("crashed", kill_in_round=2)
     assert [m["participants"] for m in crash_metrics] == [m["participants"] for m in clean_metrics]
+    if "dp-fedavg" in server:
+        _check_private_resume(tmp_path / "crashed", (tmp_path / "round1-state").read_bytes(), minilm_bundle,
+                              crash_metrics, clean_metrics)
+        return
     for layer, (a, b) in uninterrupted.lora.items():
         np.testing.assert_allclose(resumed.lora[layer][0], a, rtol=0, atol=1e-6)
         np.testing.assert_allclose(resumed.lora[layer][1], b, rtol=0, atol=1e-6)
@@ -120,6 +133,25 @@ def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninter
         np.testing.assert_allclose(resumed.head[name], value, rtol=0, atol=1e-6)
     if "--closed-form-head" in server:
         _check_closed_form_head(tmp_path / "crashed", read_manifest(minilm_bundle))
+
+
+def _check_private_resume(state, round1_state: bytes, bundle, crash_metrics, clean_metrics) -> None:
+    """Each federation draws its own secret noise key, so the clean and the crashed run differ in their noise. The
+    crashed run must have kept its key across the kill and merged round 2 exactly as an uninterrupted aggregator
+    would from round 1's state (saved at the kill) and the accepted updates; both spent the same ε."""
+    manifest, store = read_manifest(bundle), StateDir(state)
+    before, after = ServerState.from_bytes(round1_state, "exact"), store.server_state(2, "exact")
+    np.testing.assert_array_equal(before.moments[KEY], after.moments[KEY])
+    updates = {p.stem: decode_adapter(p.read_bytes(), manifest) for p in (state / "rounds" / "0002" / "updates").glob("*.fpa")}
+    sent = {rank: decode_adapter(p, manifest)[1] for rank, p in store.globals(1).items()}
+    filler = {name: a for name, (a, _) in initial_adapter(bundle, manifest, max(manifest.ranks), True).lora.items()}
+    _, _, again = merge_with_server("dp-fedavg", updates, sent, before, ServerOptimizer("sgd", lr=1.0, beta1=0.0),
+                                    manifest, filler, privacy=DpSettings(0.5, 0.3), sampling=Sampling(3, 3))
+    for key, value in after.params.items():
+        np.testing.assert_array_equal(again.params[key], value)
+    assert [m["dp_epsilon"] for m in crash_metrics] == [m["dp_epsilon"] for m in clean_metrics]
+    assert 0 < crash_metrics[0]["dp_epsilon"] < crash_metrics[1]["dp_epsilon"] < math.inf
+    assert all(m["dp_delta"] == pytest.approx(1 / 3) for m in crash_metrics)
 
 
 def _check_closed_form_head(state, manifest) -> None:

@@ -17,14 +17,15 @@ RANKS = [2, 4]
 class _Manifest:
     """The two facts of a bundle manifest that the merge reads: tiers and the LoRA pairs' shapes."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: dict[str, LayerSpec] = LAYERS, ranks: list[int] = RANKS) -> None:
         from edge_sdk.protocol.manifest import LoraPair, Tier
 
-        self.ranks = RANKS
+        self.ranks = ranks
         self.tiers = [Tier(rank=r, dir="", training_model="", eval_model="", optimizer_model="", checkpoint="",
                            trainable_init="", inference_model="", parameter_order=[], trainable=[], trainable_count=0,
-                           lora_pairs=[LoraPair(n, f"{n}.A", f"{n}.B", [r, 10], [12, r], 16.0 / r) for n in LAYERS],
-                           parity_max_abs_diff=None) for r in RANKS]
+                           lora_pairs=[LoraPair(n, f"{n}.A", f"{n}.B", [r, s.in_features], [s.out_features, r],
+                                                s.alpha / r) for n, s in layers.items()],
+                           parity_max_abs_diff=None) for r in ranks]
 
 
 def _start(rng: np.random.Generator, head: bool = True) -> Adapter:

@@ -1,7 +1,7 @@
 """Aggregation strategies: pure functions (client updates, layer specs, tier ranks) → MergeResult, by name.
 
-The registry says what each needs: a bundle with one frozen A for every device (ffa-lora), or the
-simulator because devices cannot run it (flora).
+The registry says what each needs: a bundle with one frozen A for every device (ffa-lora), the
+simulator because devices cannot run it (flora), or privacy settings and the server state (dp-fedavg).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from aggregator.strategies.base import (
     ClientUpdate, LayerSpec, MergeError, MergeResult, Strategy, StrategySpec, SvdFactors,
 )
+from aggregator.strategies.dp_fedavg import dp_fedavg
 from aggregator.strategies.fedavg_naive import fedavg_naive
 from aggregator.strategies.ffa_lora import ffa_lora
 from aggregator.strategies.flexlora import flexlora
@@ -30,6 +31,8 @@ STRATEGIES: dict[str, StrategySpec] = {
     "ffa-lora": StrategySpec(ffa_lora, "A frozen and shared, B averaged", frozen_a=True, state="factors"),
     "trimmed-mean": StrategySpec(trimmed_mean, "coordinate-wise trimmed mean of the clients' ΔW_i (robust to a few "
                                  "hostile devices), best rank-r per tier", state="exact"),
+    "dp-fedavg": StrategySpec(dp_fedavg, "client-level differential privacy: each whole update clipped, the sum "
+                              "noised, best rank-r per tier", state="exact", private=True),
 }
 DEFAULT_STRATEGY = "svd-weighted"
 

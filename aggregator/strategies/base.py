@@ -58,10 +58,13 @@ class MergeResult:
 
     tiers: rank → layer → (A, B) for clients of that tier.
     global_state: layer → factors of ΔW_g (for persistence and the next round).
-    weights: layer → client id → aggregation weight (sums to 1 per layer).
+    weights: layer → client id → aggregation weight (sums to 1 per layer; at most 1 for
+        dp-fedavg, whose weight is the client's clip factor / the clients sampled).
     rejected: client id → why its update was not merged.
     base_delta: layer → (P, Q) with W += P @ Q, for strategies that fold the update into the
         frozen base (FLoRA); empty otherwise.
+    head: the merged change of the head, for a strategy that merges it with the adapter
+        (dp-fedavg); None: the head is averaged beside the strategy.
     """
 
     tiers: dict[int, dict[str, Factors]]
@@ -69,6 +72,7 @@ class MergeResult:
     weights: dict[str, dict[str, float]]
     rejected: dict[str, str] = field(default_factory=dict)
     base_delta: dict[str, Factors] = field(default_factory=dict)
+    head: dict[str, np.ndarray] | None = None
 
 
 Strategy = Callable[..., MergeResult]
@@ -95,6 +99,9 @@ class StrategySpec:
     state: Literal["exact", "factors"] | None = None
     """The form of the global it keeps when the server holds the state and steps it with a server optimizer
     (`aggregator.server_state`): ΔW_g itself, or top-rank factors; None: it cannot."""
+    private: bool = False
+    """Differentially private: merges the head with the adapter, needs the privacy settings (clip, noise) and
+    the server state, and takes no feature statistics (they would leave the devices in the clear)."""
 
     def __call__(self, updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], ranks: Sequence[int],
                  **options: object) -> MergeResult:

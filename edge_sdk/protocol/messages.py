@@ -110,6 +110,8 @@ class RoundTask:
     seed: int
     globals: dict[str, GlobalAdapterRef] = field(default_factory=dict)
     finished: bool = False
+    population: int | None = None
+    """Clients online when the round's first sample was drawn (the privacy accountant's N)."""
 
     def global_for(self, rank: int) -> GlobalAdapterRef | None:
         return self.globals.get(str(rank))
@@ -233,6 +235,8 @@ def _check(message: Any) -> None:
                 check_identifier(client, "Client id")
             if message.round < 0 or message.attempt < 0:
                 raise MessageError("RoundTask.round and attempt must not be negative.")
+            if message.population is not None and message.population < 0:
+                raise MessageError("RoundTask.population must not be negative.")
         elif isinstance(message, FederationConfig):
             check_identifier(message.federation, "Federation id")
             if message.chunk_size < 1024 or not message.ranks:
