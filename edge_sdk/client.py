@@ -70,7 +70,12 @@ class RoundReport:
 
 
 class FederatedClient:
-    """One device in a federation, speaking the FedPEFT protocol through an MQTT broker."""
+    """One device in a federation, speaking the FedPEFT protocol through an MQTT broker.
+
+    The device picks its tier by the federation's rank formula from its measured profile; `rank`
+    fixes the tier instead (an exported tier that fits its memory), the profile still measured and
+    reported.
+    """
 
     def __init__(
         self,
@@ -88,6 +93,7 @@ class FederatedClient:
         on_progress: Callable[[int, int, float], None] | None = None,
         available: Callable[[int], bool] | None = None,
         trainers: TrainerPool | None = None,
+        rank: int | None = None,
     ) -> None:
         self.bundle, self.federation = Path(bundle), check_identifier(federation, "Federation id")
         self.manifest = read_manifest(self.bundle)
@@ -100,6 +106,7 @@ class FederatedClient:
         self.profile: DeviceProfile | None = None
         self.rank_choice: RankChoice | None = None
         self.rank: int | None = None
+        self.fixed_rank = rank
         self._trainable: dict | None = None
         self.config: FederationConfig | None = None
         self._task: RoundTask | None = None
@@ -133,7 +140,7 @@ class FederatedClient:
             threads=self.threads, device=self.device,
         )
         self.rank_choice = choose_rank(self.profile, config.rank_policy, config.ranks, prober)
-        rank = self.rank_choice.rank
+        rank = self.rank_choice.rank if self.fixed_rank is None else self._checked_fixed_rank(config)
         head = "shared" if config.head == "shared" else "local"
         if self.trainers is None:
             self.trainers = TrainerPool(self.bundle, device=self.device, head=head)
@@ -147,6 +154,18 @@ class FederatedClient:
         self._announce()
         log.info("%s joined %s at tier r=%d (formula r=%d)", self.client_id, self.federation, rank,
                  self.rank_choice.raw_rank)
+
+    def _checked_fixed_rank(self, config: FederationConfig) -> int:
+        """The tier given to the constructor, if the federation has it and this device's memory holds it."""
+        assert self.fixed_rank is not None and self.rank_choice is not None
+        if self.fixed_rank not in config.ranks:
+            raise ClientRefusedError(f"Tier r={self.fixed_rank} is not one of the federation's tiers {config.ranks}: "
+                                     "pass one of those, or no rank to let the device choose.")
+        if self.fixed_rank in self.rank_choice.too_big:
+            raise ClientRefusedError(f"Tier r={self.fixed_rank} does not fit this device's memory "
+                                     f"({self.rank_choice.memory_available_bytes / 2**20:.0f} MiB available): "
+                                     "pass a smaller rank, or none.")
+        return self.fixed_rank
 
     def run(self, max_rounds: int | None = None) -> list[RoundReport]:
         """Take part in rounds until the federation finishes, `stop()` is called, or `max_rounds` were done."""

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
@@ -22,7 +23,7 @@ from fedpeft_sim import plots
 from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
 from fedpeft_sim.full_fedavg import run_full_fedavg
 from fedpeft_sim.report import FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle
-from fedpeft_sim.simulation import DATA_SETS, SimConfig, run_simulation
+from fedpeft_sim.simulation import DATA_SETS, RankMix, SimConfig, run_simulation
 
 DEFAULT_BUNDLE = "runs/bundle"
 RUNNABLE = [name for name, spec in STRATEGIES.items() if spec.device_blocker is None]
@@ -109,6 +110,9 @@ def main(verbose: bool) -> None:
               help="σ of log-normal client sizes (0: equal).")
 @click.option("--tiers", default="low=1,mid=1,high=1", show_default=True, callback=_mix, help="Device preset mix.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--rank-mix", type=click.Choice(get_args(RankMix)), default="policy", show_default=True,
+              help="Tiers from the rank formula over each device's measured profile (the mix follows the host's "
+                   "load), or client i at the i-th tier in turn (an equal, fixed mix for comparisons).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Local steps per round [default: epochs].")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
@@ -136,6 +140,7 @@ def main(verbose: bool) -> None:
 @click.option("--plot/--no-plot", default=True, show_default=True)
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
+        rank_mix: RankMix,
         seed: int, steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float,
         logit_adjustment: float, closed_form_head: bool, statistics_rounds: int | None, dp_clip: float | None,
         dp_noise: float | None, dp_delta: float | None, server_opt: str, server_lr: float,
@@ -146,7 +151,7 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
         bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
-        rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed,
+        rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed, rank_mix=rank_mix,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                                 proximal_mu=proximal_mu, logit_adjustment=logit_adjustment,
                                 feature_statistics=closed_form_head, statistics_rounds=statistics_rounds), dtype=dtype,

@@ -18,6 +18,7 @@ import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -46,6 +47,7 @@ log = logging.getLogger("fedpeft.sim")
 # a Cortex-A53/A55 phone efficiency core ~1 W, a Cortex-A76-class core ~2 W, a laptop x86 core ~6 W.
 CORE_WATTS = {"low": 1.0, "mid": 2.0, "high": 6.0}
 TARGET_ACCURACY = 0.75
+RankMix = Literal["policy", "round-robin"]
 """The summary reports the first round (and the upload bytes until then) at which the global reaches this."""
 
 
@@ -81,6 +83,9 @@ class SimConfig:
     """dp-fedavg's clip, noise and δ."""
     eval_every: int = 1
     """Score the global on the central subset every this many rounds (and after the last)."""
+    rank_mix: RankMix = "policy"
+    """How devices get their tiers: the rank formula over their measured profiles ("policy"; the mix then
+    follows the host's load), or client i the i-th tier in turn ("round-robin": an equal, fixed mix)."""
     trainer_cores: int | None = None
     """Cores the simulated devices train on at once (None: all). onnxruntime's dropout seed is
     process-wide, so devices training side by side make a run reproducible to about 1e-4 in its
@@ -240,13 +245,16 @@ def energy_joules(cpu_seconds: float, preset: str) -> float:
 def local_summary(clients: list[SimClient], accuracy: dict[str, float], by_rank: dict[int, float]) -> dict:
     """Per-client local accuracies (client id → accuracy) summarized: mean, worst, 10th percentile, by preset."""
     tiers: dict[str, list[float]] = defaultdict(list)
+    ranks: dict[int, list[float]] = defaultdict(list)
     for c in clients:
         tiers[c.preset].append(accuracy[c.client_id])
+        ranks[c.rank].append(accuracy[c.client_id])
     values = np.array(list(accuracy.values()))
     return {
         "local_accuracy_mean": float(values.mean()), "local_accuracy_worst": float(values.min()),
         "local_accuracy_p10": float(np.percentile(values, 10)),
         "local_accuracy_by_tier": {t: float(np.mean(v)) for t, v in sorted(tiers.items())},
+        "local_accuracy_by_rank": {str(r): float(np.mean(v)) for r, v in sorted(ranks.items())},
         "central_accuracy_by_rank": {str(r): a for r, a in by_rank.items()},
     }
 
@@ -291,10 +299,12 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     threads[0].start()
     devices = []
     try:
-        for c in clients:
+        tiers = sorted(read_manifest(config.bundle).ranks)
+        for index, c in enumerate(clients):
             device = FederatedClient(
                 config.bundle, settings, federation, c.train, client_id=c.client_id, preset=c.preset,
                 state_dir=config.out / "clients", trainers=pool, available=availability(config, c.client_id),
+                rank=tiers[index % len(tiers)] if config.rank_mix == "round-robin" else None,
             )
             device.start()
             c.rank = device.rank
@@ -366,6 +376,7 @@ def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], sec
         if reached else None,
         "worst_client_accuracy": last["local_accuracy_worst"], "local_accuracy_mean": last["local_accuracy_mean"],
         "low_high_ratio": by_tier["low"] / by_tier["high"] if by_tier.get("low") and by_tier.get("high") else None,
+        "low_high_rank_ratio": _rank_ratio(last.get("local_accuracy_by_rank", {})),
         "central_accuracy_by_rank": last["central_accuracy_by_rank"], "local_accuracy_by_tier": by_tier,
         "bytes_up": up, "bytes_down": down, "full_fedavg_bytes": full,
         "up_ratio_to_full_fedavg": up / full_up, "total_ratio_to_full_fedavg": (up + down) / full,
@@ -373,6 +384,14 @@ def summarize(config: SimConfig, rows: list[dict], clients: list[SimClient], sec
         "energy_joules": sum(r["energy_joules"] for r in rows),
         "ranks": dict(sorted(Counter(c.rank for c in clients).items())), "wall_seconds": round(seconds, 1),
     }
+
+
+def _rank_ratio(by_rank: dict[str, float]) -> float | None:
+    """Local accuracy of the lowest tier's clients over the highest tier's (None with one tier)."""
+    if len(by_rank) < 2:
+        return None
+    ranks = sorted(by_rank, key=int)
+    return by_rank[ranks[0]] / by_rank[ranks[-1]] if by_rank[ranks[-1]] else None
 
 
 def config_record(config: SimConfig) -> dict:
