@@ -15,15 +15,16 @@ from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateError
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
-from edge_sdk.cli_options import broker_options, broker_settings
+from edge_sdk.cli_options import CONTEXT_SETTINGS, broker_options, broker_settings, tool
 from edge_sdk.protocol import DTYPES, TrainingConfig
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.protocol.ranking import RankPolicy
 from edge_sdk.protocol.transport import BrokerUnavailableError
 
 
-@click.command()
-@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The bundle the federation trains (`fedpeft-export --out`).")
 @click.option("--broker", "broker_url", default="embedded", show_default=True,
               help="mqtt://host:port, mqtts://host:port, or 'embedded' (an in-process broker on 127.0.0.1).")
 @broker_options
@@ -65,6 +66,7 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Client upload dtype.")
 @click.option("--chunk-size", type=click.IntRange(min=1024), default=1 << 20, show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
+@tool(StateError)
 def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | None, password_file: Path | None,
          embedded_port: int, federation: str, rounds: int, clients_per_round: int | None, fraction: float | None,
          min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import click
 
-from edge_sdk.cli_options import broker_options, broker_settings
+from edge_sdk.cli_options import CONTEXT_SETTINGS, broker_options, broker_settings, tool
 from edge_sdk.client import ClientRefusedError, FederatedClient
 from edge_sdk.data import stratified_split
-from edge_sdk.datasets import read_jsonl, rotten_tomatoes, shard
+from edge_sdk.datasets import DataError, read_jsonl, rotten_tomatoes, shard
 from edge_sdk.profile import PRESETS
 from edge_sdk.protocol.transport import BrokerUnavailableError
 
 
-@click.command()
-@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The federation's bundle, as the aggregator has it.")
 @click.option("--broker", "broker_url", required=True, help="mqtt://host:port or mqtts://host:port.")
 @broker_options
 @click.option("--federation", required=True, help="Federation id (the aggregator's --federation).")
@@ -34,12 +35,16 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
               help="Where the client records uploaded rounds [default: ~/.cache/fedpeft/clients/<federation>].")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Leave after this many rounds.")
 @click.option("--log-level", default="INFO", show_default=True)
+@tool(ClientRefusedError, DataError)
 def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | None, password_file: Path | None,
          federation: str, data_spec: str, shard_spec: str | None, eval_fraction: float, client_id: str | None,
          preset: str | None, threads: int | None, state_dir: Path | None, max_rounds: int | None,
          log_level: str) -> None:
     """Join a federation, train on local data each round this device is sampled, and upload the adapter."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if data_spec != "rotten-tomatoes" and not Path(data_spec).is_file():
+        raise click.BadParameter(f"'{data_spec}' is neither 'rotten-tomatoes' nor a file: give a JSON-lines file "
+                                 "with one {\"text\": ..., \"label\": ...} object per line.", param_hint="--data")
     examples = rotten_tomatoes() if data_spec == "rotten-tomatoes" else read_jsonl(data_spec)
     if shard_spec:
         try:

@@ -78,6 +78,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     return body.reshape(dims)
 
 
+class DataError(ValueError):
+    """A data file is malformed; the message names the file, the line and what was expected."""
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Text examples from a JSON-lines file with one {"text": str, "label": int} object per line."""
     examples = []
@@ -89,9 +93,9 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 row = json.loads(line)
                 text, label = row["text"], row["label"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected {{\"text\": ..., \"label\": ...}}: {err}") from err
+                raise DataError(f"{path}:{number}: expected {{\"text\": ..., \"label\": ...}}: {err}") from err
             if not isinstance(text, str) or isinstance(label, bool) or not isinstance(label, int):
-                raise ValueError(f"{path}:{number}: 'text' must be a string and 'label' an integer.")
+                raise DataError(f"{path}:{number}: 'text' must be a string and 'label' an integer.")
             examples.append(Example(text, label))
     return examples
 

