@@ -202,7 +202,7 @@ def rescore(run_dir: Path, bundle: Path | None) -> None:
 @click.option("--work", default="runs/report", show_default=True, type=click.Path(path_type=Path),
               help="Where the runs are kept.")
 @click.option("--docs", default=None, type=click.Path(path_type=Path),
-              help="Report file [default: docs/results.md, or WORK/results.md with --quick].")
+              help="Report file [default: WORK/results.md; scripts/report.sh writes the repo's docs/results.md].")
 @click.option("--quick", is_flag=True, help="A few-minute version of the grid (small pool, few rounds).")
 @click.option("--fresh", is_flag=True, help="Rerun every experiment instead of reusing finished ones.")
 @click.option("--render-only", is_flag=True, help="Write the report from the finished runs; train nothing.")
@@ -211,7 +211,7 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool
     """Run the experiment grid and write the results report with its figures."""
     plan = QUICK if quick else FULL
     work = work / "quick" if quick else work
-    docs = docs or (work / "results.md" if quick else Path("docs/results.md"))
+    docs = docs or work / "results.md"
     image = Path(DEFAULT_IMAGE_BUNDLE)
     if not render_only:
         _bundle(bundle)

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/python -m fedpeft_sim.cli -v report "$@"
+if [[ " $* " == *" --quick "* ]]; then
+  exec .venv/bin/python -m fedpeft_sim.cli -v report "$@"
+fi
+exec .venv/bin/python -m fedpeft_sim.cli -v report --docs docs/results.md "$@"
