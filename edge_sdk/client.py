@@ -30,6 +30,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from edge_sdk.data import Dataset, Example
+from edge_sdk.datasets import check_labels
 from edge_sdk.files import write_atomic
 from edge_sdk.profile import profile_device
 from edge_sdk.protocol import (
@@ -126,7 +127,11 @@ class FederatedClient:
     # Public API ------------------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> None:
-        """Connect, read the federation config, profile this device, choose a tier and join."""
+        """Check the data against the bundle, connect, read the federation config, profile this device, choose a
+        tier and join. Labels the bundle's head has no class for raise DataError before anything is sent."""
+        examples = self._round_data(0)
+        if self.manifest.task != "causal-lm":
+            check_labels(examples, len(self.manifest.labels), f"{self.client_id}'s data")
         self.connection.start(timeout)
         config = self._wait(lambda: self.config, timeout, "the federation config (is the aggregator running?)")
         if config.bundle_id != bundle_id(self.bundle):
@@ -134,7 +139,6 @@ class FederatedClient:
                 f"The federation trains bundle {config.bundle_id}, this device has {bundle_id(self.bundle)}: "
                 "install the federation's bundle."
             )
-        examples = self._round_data(0)
         self.profile, prober = profile_device(
             self.bundle, examples, batch_size=config.training.batch_size, preset=self.preset,
             threads=self.threads, device=self.device,

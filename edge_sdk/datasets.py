@@ -8,6 +8,7 @@ import gzip
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,44 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise DataError(f"{path}:{number}: 'text' must be a string and 'label' an integer.")
             examples.append(Example(text, label))
     return examples
+
+
+def read_csv(path: str | Path) -> list[Example]:
+    """Text examples from a CSV file with a header row that names a `text` and a `label` column."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = csv.DictReader(handle)
+        if not rows.fieldnames or not {"text", "label"} <= set(rows.fieldnames):
+            raise DataError(f"{path}: the header row must name a 'text' and a 'label' column, "
+                            f"found {rows.fieldnames or []}.")
+        examples = []
+        for number, row in enumerate(rows, 2):
+            text, label = row["text"], (row["label"] or "").strip()
+            if text is None or not label.lstrip("-").isdigit():
+                raise DataError(f"{path}:{number}: 'label' must be an integer and 'text' present, got {label!r}.")
+            examples.append(Example(text, int(label)))
+    return examples
+
+
+TEXT_FILE_SUFFIXES = (".jsonl", ".csv")
+
+
+def read_text_file(path: str | Path) -> list[Example]:
+    """Text examples from a .jsonl ({"text", "label"} per line) or .csv (text and label columns) file."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TEXT_FILE_SUFFIXES:
+        raise DataError(f"{path}: expected a {' or '.join(TEXT_FILE_SUFFIXES)} file of text examples.")
+    examples = read_jsonl(path) if suffix == ".jsonl" else read_csv(path)
+    if not examples:
+        raise DataError(f"{path} holds no examples.")
+    return examples
+
+
+def check_labels(examples: Sequence[Example], classes: int, source: str) -> None:
+    """Raise DataError unless every label is a class of a `classes`-class head."""
+    bad = sorted({e.label for e in examples if not 0 <= e.label < classes})
+    if bad:
+        raise DataError(f"{source} has labels {bad[:5]} outside the bundle's {classes} classes 0..{classes - 1}: "
+                        f"relabel the data, or export a bundle with --num-labels {max(bad) + 1}.")
 
 
 def shard(examples: list[Example], index: int, count: int, seed: int = 0) -> list[Example]:

@@ -16,6 +16,7 @@ from aggregator.cli_options import (
 )
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.cli_options import CONTEXT_SETTINGS, one_line_errors, version_option
+from edge_sdk.datasets import TEXT_FILE_SUFFIXES
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
@@ -30,6 +31,12 @@ DEFAULT_BUNDLE = "runs/bundle"
 RUNNABLE = [name for name, spec in STRATEGIES.items() if spec.device_blocker is None]
 """Strategies the simulated devices can run (the simulation speaks the real protocol)."""
 DEFAULT_IMAGE_BUNDLE = "runs/bundle-fmnist"
+
+
+def _data(_ctx, _param, value: str) -> str:
+    if value in DATA_SETS or (Path(value).suffix.lower() in TEXT_FILE_SUFFIXES and Path(value).is_file()):
+        return value
+    raise click.BadParameter(f"'{value}' is neither {' nor '.join(DATA_SETS)} nor a .jsonl or .csv file.")
 
 
 def _alpha(_ctx, _param, value: str) -> float | None:
@@ -100,7 +107,9 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--bundle", default=None, type=click.Path(path_type=Path),
               help=f"[default: {DEFAULT_BUNDLE}, or {DEFAULT_IMAGE_BUNDLE} for the image data; made when missing]")
-@click.option("--data", type=click.Choice(DATA_SETS), default="rotten-tomatoes", show_default=True)
+@click.option("--data", default="rotten-tomatoes", show_default=True, callback=_data,
+              help=f"{' or '.join(DATA_SETS)}, or your own text: a .jsonl file of {{\"text\", \"label\"}} objects or a "
+                   ".csv file with text and label columns (split 80/20 into the clients' pool and the central test).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (replaced).")
 @click.option("--strategy", type=click.Choice(sorted([*RUNNABLE, FULL_FEDAVG])), default=DEFAULT_STRATEGY,
               show_default=True, help=f"A merge strategy, or {FULL_FEDAVG} (full fine-tuning, in process).")

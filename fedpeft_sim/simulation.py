@@ -30,7 +30,7 @@ from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
 from edge_sdk.data import Example, stratified_split
-from edge_sdk.datasets import fashion_mnist, rotten_tomatoes
+from edge_sdk.datasets import TEXT_FILE_SUFFIXES, check_labels, fashion_mnist, read_text_file, rotten_tomatoes
 from edge_sdk.profile import PRESETS, profile_device
 from edge_sdk.protocol import DType, TrainingConfig, decode_adapter
 from edge_sdk.protocol.manifest import read_manifest
@@ -96,19 +96,26 @@ DATA_SETS = ("rotten-tomatoes", "fashion-mnist-5-9")
 
 
 def load_data(name: str) -> tuple[list[Example], list[Example]]:
-    """(training pool, central test split) of a named data set.
+    """(training pool, central test split) of a named data set or of a text file.
 
     rotten-tomatoes: a stratified 80/20 split (seed 0) of the snippets. fashion-mnist-5-9: the
     dataset's own train/test splits restricted to classes 5–9 (Sandal … Ankle boot), relabelled
-    0–4: the transfer task of the image base model, which was pretrained on classes 0–4.
+    0–4: the transfer task of the image base model, which was pretrained on classes 0–4. A .jsonl
+    or .csv file of text examples (`edge_sdk.datasets.read_text_file`): a stratified 80/20 split
+    (seed 0), like rotten-tomatoes.
     """
+    if Path(name).suffix.lower() in TEXT_FILE_SUFFIXES and name not in DATA_SETS:
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"{name}: no such data file.")
+        return stratified_split(read_text_file(name), test_fraction=0.2, seed=0)
     if name == "rotten-tomatoes":
         return stratified_split(rotten_tomatoes(), test_fraction=0.2, seed=0)
     if name == "fashion-mnist-5-9":
         train, test = ([Example(e.x, e.label - 5) for e in fashion_mnist(split) if e.label >= 5]
                        for split in ("train", "test"))
         return train, test
-    raise ValueError(f"Unknown data set '{name}'; choose one of {', '.join(DATA_SETS)}.")
+    raise ValueError(f"Unknown data set '{name}'; choose one of {', '.join(DATA_SETS)}, or give a "
+                     f"{' or '.join(TEXT_FILE_SUFFIXES)} file.")
 
 
 @dataclass
@@ -268,6 +275,7 @@ def prepare_run(config: SimConfig) -> tuple[list[SimClient], list[Example], list
         shutil.rmtree(config.out)
     config.out.mkdir(parents=True)
     data, central_test = load_data(config.data)
+    check_labels(data + central_test, len(read_manifest(config.bundle).labels), config.data)
     if config.pool_limit is not None:
         data = subset(data, config.pool_limit)
     clients, split = split_clients(config, data)

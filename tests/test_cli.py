@@ -55,3 +55,11 @@ def test_client_data_errors_say_what_the_file_must_hold_and_debug_shows_the_trac
     _one_line_error(runner.invoke(client_cli, [*base, "--data", str(bad)]), 1, f"{bad}:2", '"label"')
     debug = runner.invoke(client_cli, [*base, "--data", str(bad), "--debug"])
     assert debug.exit_code == 1 and type(debug.exception).__name__ == "DataError"
+
+
+def test_a_client_whose_labels_the_bundle_cannot_hold_refuses_before_it_connects(minilm_bundle, tmp_path) -> None:
+    data = tmp_path / "five.jsonl"
+    data.write_text('{"text": "a fine film", "label": 1}\n{"text": "a dull film", "label": 5}\n')
+    result = CliRunner().invoke(client_cli, ["--bundle", str(minilm_bundle), "--broker", "mqtt://127.0.0.1:1",
+                                             "--federation", "f", "--data", str(data), "--eval-fraction", "0"])
+    _one_line_error(result, 1, "labels [5] outside the bundle's 2 classes", "--num-labels 6")

@@ -89,3 +89,41 @@ def test_bundle_without_a_trainable_head_federates(mosquitto, tmp_path: Path) ->
     ))
     record = json.loads((out / "state" / "rounds" / "0001" / "metrics.json").read_text())
     assert len(record["participants"]) == 2 and record["rejected"] == 0, record
+
+
+def test_own_text_file_runs_end_to_end_from_the_cli_and_bad_labels_stop_before_training(
+        minilm_bundle, mosquitto, tmp_path: Path) -> None:
+    """A user's JSON-lines file (real reviews written out here) runs as its own data set; a CSV file of the same
+    reviews reads to the same examples; a label the bundle's head has no class for is refused before any round."""
+    from click.testing import CliRunner
+
+    from edge_sdk.datasets import read_text_file, rotten_tomatoes
+    from fedpeft_sim.cli import main as sim_cli
+
+    reviews = rotten_tomatoes()[:400]
+    mine = tmp_path / "my.jsonl"
+    mine.write_text("".join(json.dumps({"text": e.x, "label": e.label}) + "\n" for e in reviews))
+    table = tmp_path / "my.csv"
+    import csv
+    with open(table, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "text"])
+        writer.writerows([e.label, e.x] for e in reviews)
+    assert [(e.x, e.label) for e in read_text_file(table)] == [(e.x, e.label) for e in reviews]
+
+    out = tmp_path / "run"
+    args = ["run", "--bundle", str(minilm_bundle), "--out", str(out), "--clients", "4", "--fraction", "0.5",
+            "--rounds", "2", "--steps", "2", "--eval-samples", "40", "--local-eval-every", "2", "--no-plot",
+            "--broker", mosquitto.url]
+    result = CliRunner().invoke(sim_cli, [*args, "--data", str(mine)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["data"] == str(mine) and summary["rounds"] == 2
+    split = json.loads((out / "partition.json").read_text())["clients"]
+    assert sum(c["train"] + c["test"] for c in split.values()) == 320, "80% of the 400 reviews go to the clients"
+
+    shifted = tmp_path / "five.jsonl"
+    shifted.write_text(mine.read_text().replace('"label": 1', '"label": 5'))
+    refused = CliRunner().invoke(sim_cli, [*args, "--data", str(shifted)])
+    assert refused.exit_code == 1 and "labels [5] outside the bundle's 2 classes" in refused.output
+    assert not (out / "state").exists(), "nothing ran"
