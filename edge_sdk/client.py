@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import socket
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +33,15 @@ import paho.mqtt.client as mqtt
 from edge_sdk.data import Dataset, Example
 from edge_sdk.datasets import check_labels
 from edge_sdk.files import write_atomic
+from edge_sdk.predict import Predictor
 from edge_sdk.profile import profile_device
 from edge_sdk.protocol import (
     AdapterHeader, ChunkError, ClientStatus, CodecError, FederationConfig, MessageError, Notice, Reassembler,
     RoundTask, Topics, UnsupportedVersionError, check_identifier, decode_adapter, decode_message, encode_adapter,
     encode_message, max_payload_bytes, split_payload,
 )
+from edge_sdk.protocol.adapter import Adapter
+from edge_sdk.protocol.codec import MAX_METRIC_NAME_CHARS
 from edge_sdk.protocol.manifest import bundle_id, read_manifest
 from edge_sdk.protocol.ranking import DeviceProfile, RankChoice
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
@@ -70,12 +74,35 @@ class RoundReport:
     evaluation: EvalReport | None
 
 
+MAX_APP_METRICS = 16
+"""Numbers the app's evaluation hook may add to an upload (the header holds 64 in all)."""
+
+
+def app_metrics(values: Mapping[str, float]) -> dict[str, float]:
+    """The app's evaluation numbers as header metrics `app_<name>`; raises ValueError for what the aggregator
+    would refuse (too many, names too long or empty, values not finite numbers)."""
+    if not isinstance(values, Mapping) or len(values) > MAX_APP_METRICS:
+        raise ValueError(f"The evaluate hook must return a mapping of at most {MAX_APP_METRICS} names to numbers.")
+    out = {}
+    for name, value in values.items():
+        key = f"app_{name}"
+        if not isinstance(name, str) or not name or len(key) > MAX_METRIC_NAME_CHARS:
+            raise ValueError(f"Metric name {name!r}: give 1 to {MAX_METRIC_NAME_CHARS - 4} characters.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Metric {name!r} must be a finite number, got {value!r}.")
+        out[key] = float(value)
+    return out
+
+
 class FederatedClient:
     """One device in a federation, speaking the FedPEFT protocol through an MQTT broker.
 
     The device picks its tier by the federation's rank formula from its measured profile; `rank`
     fixes the tier instead (an exported tier that fits its memory), the profile still measured and
-    reported.
+    reported. Hooks for the host app: `on_progress(round, step, loss)` during training,
+    `on_global(round, adapter)` when the global adapter a round starts from arrives, and
+    `evaluate(predictor)` after local training, with a `Predictor` on the trained adapter; the
+    numbers it returns travel to the aggregator in the upload's header as `app_<name>`.
     """
 
     def __init__(
@@ -95,6 +122,8 @@ class FederatedClient:
         available: Callable[[int], bool] | None = None,
         trainers: TrainerPool | None = None,
         rank: int | None = None,
+        on_global: Callable[[int, Adapter], None] | None = None,
+        evaluate: Callable[[Predictor], Mapping[str, float]] | None = None,
     ) -> None:
         self.bundle, self.federation = Path(bundle), check_identifier(federation, "Federation id")
         self.manifest = read_manifest(self.bundle)
@@ -107,7 +136,7 @@ class FederatedClient:
         self.profile: DeviceProfile | None = None
         self.rank_choice: RankChoice | None = None
         self.rank: int | None = None
-        self.fixed_rank = rank
+        self.fixed_rank, self.on_global, self.app_evaluate = rank, on_global, evaluate
         self._trainable: dict | None = None
         self.config: FederationConfig | None = None
         self._task: RoundTask | None = None
@@ -241,6 +270,8 @@ class FederatedClient:
         received = None
         if ref is not None:
             _, received = decode_adapter(self._download(ref.sha256), self.manifest)
+            if self.on_global is not None:
+                self.on_global(task.round, received)
         training = self.config.training
         examples = self._round_data(task.round)
         seed = (task.seed + zlib.crc32(self.client_id.encode())) % 2**31
@@ -261,6 +292,8 @@ class FederatedClient:
                    "train_cpu_seconds": report.cpu_seconds}
         if evaluation is not None:
             metrics.update(eval_accuracy=evaluation.accuracy, eval_macro_f1=evaluation.macro_f1, eval_loss=evaluation.loss)
+        if self.app_evaluate is not None:
+            metrics.update(app_metrics(self.app_evaluate(Predictor(self.bundle, adapter, threads=self.profile.threads))))
         payload = encode_adapter(adapter, AdapterHeader(
             federation=self.federation, round=task.round, client_id=self.client_id, rank=rank,
             num_samples=len(examples), dtype=self.config.dtype, metrics=metrics,
