@@ -35,12 +35,14 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the client records uploaded rounds [default: ~/.cache/fedpeft/clients/<federation>].")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Leave after this many rounds.")
+@click.option("--connect-timeout", type=click.FloatRange(min=1), default=60, show_default=True,
+              help="Seconds to keep trying the broker (and to wait for the federation's config) before giving up.")
 @click.option("--log-level", default="INFO", show_default=True)
 @tool(ClientRefusedError, DataError)
 def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | None, password_file: Path | None,
          federation: str, data_spec: str, shard_spec: str | None, eval_fraction: float, client_id: str | None,
          preset: str | None, threads: int | None, state_dir: Path | None, max_rounds: int | None,
-         log_level: str) -> None:
+         connect_timeout: float, log_level: str) -> None:
     """Join a federation, train on local data each round this device is sampled, and upload the adapter."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if data_spec != "rotten-tomatoes" and not Path(data_spec).is_file():
@@ -61,6 +63,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
     )
     signal.signal(signal.SIGTERM, lambda *_: client.stop())
     try:
+        client.start(connect_timeout)
         reports = client.run(max_rounds=max_rounds)
     except (ClientRefusedError, BrokerUnavailableError, TimeoutError) as err:
         raise click.ClickException(str(err)) from err

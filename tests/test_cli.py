@@ -63,3 +63,16 @@ def test_a_client_whose_labels_the_bundle_cannot_hold_refuses_before_it_connects
     result = CliRunner().invoke(client_cli, ["--bundle", str(minilm_bundle), "--broker", "mqtt://127.0.0.1:1",
                                              "--federation", "f", "--data", str(data), "--eval-fraction", "0"])
     _one_line_error(result, 1, "labels [5] outside the bundle's 2 classes", "--num-labels 6")
+
+
+def test_a_refused_broker_connection_says_so_within_the_connect_timeout(minilm_bundle, tmp_path) -> None:
+    import time
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a fine film", "label": 1}\n{"text": "a dull film", "label": 0}\n')
+    started = time.monotonic()
+    result = CliRunner().invoke(client_cli, ["--bundle", str(minilm_bundle), "--broker", "mqtt://127.0.0.1:1",
+                                             "--federation", "f", "--data", str(data), "--eval-fraction", "0",
+                                             "--connect-timeout", "2", "--state-dir", str(tmp_path / "c")])
+    _one_line_error(result, 1, "within 2 s", "connection refused, nothing listens on port 1")
+    assert time.monotonic() - started < 30

@@ -106,6 +106,8 @@ class MqttConnection:
         self._disconnected = threading.Event()
         self._closing = False
         self.refused: str | None = None
+        self.unreachable: str | None = None
+        """Why the last connection attempt failed before the broker could answer (refused, no route, TLS)."""
         self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{client_id}", daemon=True)
 
     def start(self, timeout: float = 30.0) -> MqttConnection:
@@ -113,7 +115,8 @@ class MqttConnection:
         self._thread.start()
         if not self._connected.wait(timeout):
             self.stop()
-            why = f"it refused: {self.refused}" if self.refused else "no answer"
+            why = (f"it refused: {self.refused}" if self.refused else
+                   f"last attempt: {self.unreachable}" if self.unreachable else "no answer")
             raise BrokerUnavailableError(
                 f"Could not connect to the MQTT broker at {self.settings.host}:{self.settings.port} within "
                 f"{timeout:.0f} s ({why}). Check the address, TLS CA and credentials, and that the broker runs."
@@ -182,6 +185,8 @@ class MqttConnection:
                 try:
                     self._client.reconnect()
                 except (OSError, ssl.SSLError) as err:
+                    self.unreachable = (f"connection refused, nothing listens on port {self.settings.port}"
+                                        if isinstance(err, ConnectionRefusedError) else str(err) or type(err).__name__)
                     delay = backoff_delay(attempt)
                     attempt += 1
                     log.info("%s: broker unreachable (%s); retrying in %.1f s", self.client_id, err, delay)
