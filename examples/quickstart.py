@@ -77,12 +77,15 @@ def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None
                                "--client-id", f"{preset}-device", "--profile", preset, "--state-dir",
                                str(folder / "devices")], logs / f"{preset}-device.log"))
     metrics = state / "metrics.jsonl"
-    shown = 0
+    shown, seen = 0, {}
+    click.echo(f"  devices profile themselves, choose their tiers and train (device logs in {logs}):")
     while aggregator.poll() is None:
+        seen = _device_events(logs, seen)
         shown = _progress(metrics, shown, rounds)
         if any(p.poll() not in (None, 0) for p in devices):
             aggregator.terminate()
         time.sleep(1)
+    _device_events(logs, seen)
     _progress(metrics, shown, rounds)
     for process in [aggregator, *devices]:
         if process.wait() != 0:
@@ -98,14 +101,15 @@ def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None
         global_file = state / "rounds" / f"{record['round']:04d}" / f"global-r{top}.fpa"
         trainer.load_state(None, decode_adapter(global_file.read_bytes(), manifest)[1])
         rows.append({"round": record["round"], "central_accuracy": trainer.evaluate(test).accuracy,
-                     "bytes_up": record["bytes_accepted"]})
+                     "bytes_up": record["bytes_accepted"], "full_fedavg_bytes_up": record["full_fedavg_bytes_up"]})
         tiers = ", ".join(f"{c.split('-')[0]} r={r}" for c, r in sorted(record["ranks"].items()))
         click.echo(f"{record['round']:>5} {tiers:<34} {record['bytes_accepted'] / 1e3:>10.0f} "
                    f"{record['bytes_accepted'] / record['full_fedavg_bytes_up']:>14.3%} "
                    f"{rows[-1]['central_accuracy']:>14.3f}")
+    label = f"federated adapter r={top} (svd-weighted merge)"
     click.echo(f"Accuracy on {len(test)} held-out reviews. Plots: "
-               f"{plots.accuracy_per_round({'svd-weighted': rows}, 'Demo federation', folder / 'accuracy.png')}, "
-               f"{plots.accuracy_per_byte({'svd-weighted': rows[1:]}, 'Demo federation', folder / 'bytes.png')}")
+               f"{plots.accuracy_per_round({label: rows}, 'Demo federation: 3 devices', folder / 'accuracy.png')}, "
+               f"{plots.accuracy_per_byte({label: rows[1:]}, 'Demo federation: accuracy vs upload', folder / 'bytes.png')}")
     click.echo(f"Hugging Face peft folder of the last round: {state / 'rounds' / f'{rounds:04d}' / 'peft'}")
 
 
@@ -117,6 +121,21 @@ def _progress(metrics: Path, shown: int, rounds: int) -> int:
         click.echo(f"  round {record['round']}/{rounds} closed: {len(record['participants'])} devices, "
                    f"{record['bytes_accepted'] / 1e3:.0f} KB up, merge {1000 * record['merge_seconds']:.0f} ms")
     return len(lines)
+
+
+DEVICE_EVENTS = (" joined ", " uploaded (")
+"""What the demo echoes from the device logs: a device joining at its tier, and each upload."""
+
+
+def _device_events(logs: Path, seen: dict[Path, int]) -> dict[Path, int]:
+    """Print the device-log lines of DEVICE_EVENTS written since the last call; returns lines read per log."""
+    for log in sorted(logs.glob("*-device.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        for line in lines[seen.get(log, 0):]:
+            if any(event in line for event in DEVICE_EVENTS):
+                click.echo(f"    {line.split(' INFO ', 1)[-1]}")
+        seen[log] = len(lines)
+    return seen
 
 
 def _spawn(command: list[str], log: Path) -> subprocess.Popen:
