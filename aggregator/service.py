@@ -26,7 +26,7 @@ from aggregator.privacy import DpSettings, Sampling, require_accountant
 from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.server_state import ServerOptimizer
 from aggregator.state import StateDir, StateError
-from aggregator.strategies import get_strategy
+from aggregator.strategies import MergeError, get_strategy
 from aggregator.strategies.linalg import BACKEND_ENV, default_backend
 from aggregator.traffic import full_fedavg_round_bytes, full_fedavg_upload_bytes, model_parameters
 from edge_sdk.protocol import (
@@ -297,7 +297,7 @@ class Aggregator:
         closing = time.monotonic()
         task = current.task
         sampling = Sampling(max(task.population or 0, len(task.sampled)), len(task.sampled), task.attempt > 0)
-        payloads, merge_seconds, spent = self.globals.close(task.round, current.accepted, sampling)
+        payloads, merge_seconds, spent = self._merge(current, sampling)
         self.store.drop_chunks(current.task.round)
         record = self._record(current, payloads, merge_seconds)
         if spent is not None:
@@ -316,6 +316,35 @@ class Aggregator:
         log.info("round %d closed: %d participants, %d dropouts, %d rejected, merge %.0f ms, in %.1f MB / out %.1f MB",
                  record.round, len(record.participants), len(record.dropouts), record.rejected,
                  1000 * merge_seconds, record.bytes_in / 1e6, record.bytes_out / 1e6)
+
+    def _merge(self, current: _Round, sampling: Sampling) -> tuple[dict[int, bytes], float, tuple | None]:
+        """The round's merge. An update whose presence makes it fail (however it passed validation) is
+        quarantined: moved out of the round's updates with the reason, refused to its sender, and the round
+        merges without it, so no update can crash the aggregator into a restart loop."""
+        round_number = current.task.round
+        try:
+            return self.globals.close(round_number, current.accepted, sampling)
+        except (MergeError, StateError, OSError):
+            raise
+        except Exception as err:
+            failure = f"{type(err).__name__}: {err}"[:300]
+            log.error("round %d: the merge failed (%s); looking for the update that breaks it", round_number, failure)
+            for culprit in sorted(current.accepted):
+                rest = {cid: update for cid, update in current.accepted.items() if cid != culprit}
+                if not rest:
+                    break
+                try:
+                    merged = self.globals.close(round_number, rest, sampling)
+                except Exception:
+                    continue
+                reason = f"its update made the merge fail ({failure}); quarantined"
+                self.store.quarantine_update(round_number, culprit, reason)
+                current.accepted = rest
+                current.accepted_bytes.pop(culprit, None)
+                self._reject(culprit, reason, round_number)
+                return merged
+            raise StateError(f"round {round_number}: the merge fails ({failure}) with any single update left out; "
+                             "report this as a bug with the round's folder.") from err
 
     def _announce_missed(self) -> None:
         """Announce the last closed round again if a kill came between advancing the state and announcing it."""

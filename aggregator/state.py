@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,6 +133,17 @@ class StateDir:
             check_identifier(client_id, "Client id")
             folder = folder / client_id
         shutil.rmtree(folder, ignore_errors=True)
+
+    def quarantine_update(self, round_number: int, client_id: str, reason: str) -> Path:
+        """Move `client_id`'s accepted update of the round out of the merge into `quarantine/`, with the reason
+        beside it; returns the kept payload's path (a restarted aggregator no longer loads it)."""
+        check_identifier(client_id, "Client id")
+        folder = self.round_dir(round_number) / "quarantine"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / f"{client_id}.json", json.dumps({"reason": reason}).encode())
+        kept = folder / f"{client_id}{PAYLOAD_SUFFIX}"
+        os.replace(self.round_dir(round_number) / "updates" / f"{client_id}{PAYLOAD_SUFFIX}", kept)
+        return kept
 
     def updates(self, round_number: int) -> dict[str, bytes]:
         """Accepted update payloads of a round, client id → bytes."""

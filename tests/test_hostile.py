@@ -90,3 +90,52 @@ def test_trimmed_mean_keeps_every_entry_within_the_honest_range(minilm_bundle: P
         merged = result.global_state[layer].dense().astype(np.float64)
         assert (merged >= deltas.min(axis=0) - 1e-5).all() and (merged <= deltas.max(axis=0) + 1e-5).all(), layer
         assert result.weights[layer]["mallory"] < 0.05, result.weights[layer]
+
+
+def test_an_update_that_breaks_the_merge_is_quarantined_and_the_round_closes(minilm_bundle: Path, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """Fault injection: the merge raises whenever mallory's update is in it (as a NaN-producing update once
+    did, crashing the aggregator into a restart loop). The round closes without it, mallory is told, and its
+    update is kept aside where a restart does not load it."""
+    import threading
+    from dataclasses import replace
+
+    from aggregator.broker import EmbeddedBroker
+    from aggregator.state import StateDir
+    from aggregator.strategies import STRATEGIES
+    from edge_sdk.client import FederatedClient
+    from edge_sdk.datasets import shard
+    from edge_sdk.protocol import TrainingConfig
+    from tests.federation import aggregator_thread, rotten_tomatoes_split
+
+    honest = STRATEGIES["svd-weighted"]
+
+    def fragile(updates, layers, ranks, **options):
+        if any(u.client_id == "mallory" for u in updates):
+            raise FloatingPointError("overflow in the Gram matrix")
+        return honest.merge(updates, layers, ranks, **options)
+
+    monkeypatch.setitem(STRATEGIES, "svd-weighted", replace(honest, merge=fragile))
+    pool, _ = rotten_tomatoes_split()
+    names = ["dev0", "dev1", "mallory"]
+    with EmbeddedBroker() as broker:
+        aggregator, agg_thread, errors = aggregator_thread(
+            minilm_bundle, broker.settings, tmp_path / "state", "quarantine", rounds=1, clients_per_round=3,
+            min_clients=2, min_online=3, round_timeout=120, training=TrainingConfig(steps=2, batch_size=8),
+        )
+        clients = [FederatedClient(minilm_bundle, broker.settings, "quarantine", data=shard(pool, i, 3)[:32],
+                                   client_id=name, threads=1, state_dir=tmp_path / "clients")
+                   for i, name in enumerate(names)]
+        threads = [threading.Thread(target=c.run) for c in clients]
+        for thread in threads:
+            thread.start()
+        agg_thread.join(300)
+        for thread in threads:
+            thread.join(60)
+    assert not agg_thread.is_alive() and not errors, errors
+    (record,) = aggregator.records
+    assert record.participants == ["dev0", "dev1"]
+    assert "made the merge fail (FloatingPointError: overflow in the Gram matrix)" in record.rejected_reasons["mallory"]
+    store = StateDir(tmp_path / "state")
+    assert sorted(store.updates(1)) == ["dev0", "dev1"]
+    assert (store.round_dir(1) / "quarantine" / "mallory.fpa").is_file()
