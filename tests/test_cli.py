@@ -76,3 +76,11 @@ def test_a_refused_broker_connection_says_so_within_the_connect_timeout(minilm_b
                                              "--connect-timeout", "2", "--state-dir", str(tmp_path / "c")])
     _one_line_error(result, 1, "within 2 s", "connection refused, nothing listens on port 1")
     assert time.monotonic() - started < 30
+
+
+def test_the_simulator_refuses_an_unknown_strategy_or_data_set_before_any_export(tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["run", "--bundle", str(tmp_path / "bundle"), "--out", str(tmp_path / "run")]
+    _one_line_error(runner.invoke(sim_cli, [*base, "--strategy", "nope"]), 2, "'nope' is not one of")
+    _one_line_error(runner.invoke(sim_cli, [*base, "--data", "imdb"]), 2, "'imdb' is neither", ".jsonl or .csv")
+    assert list(tmp_path.iterdir()) == [], "nothing was exported or written"

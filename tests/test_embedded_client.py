@@ -94,8 +94,12 @@ def test_app_metrics_are_refused_on_the_device_when_the_aggregator_would_refuse_
             app_metrics(bad)
 
 
-def test_the_app_embedding_example_federates_labels_notes_and_reports_its_own_score(minilm_bundle, tmp_path):
-    """examples/app_embedding.py as a user runs it, against a real aggregator over the embedded broker."""
+def test_the_app_embedding_example_federates_labels_notes_and_reports_its_own_score(minilm_bundle, mosquitto,
+                                                                                    tmp_path):
+    """examples/app_embedding.py as a user runs it (its on_global and evaluate hooks), against a real aggregator
+    over a real mosquitto."""
+    from edge_sdk.protocol.transport import BrokerSettings
+
     import json
     import subprocess
     import sys
@@ -105,19 +109,17 @@ def test_the_app_embedding_example_federates_labels_notes_and_reports_its_own_sc
     pool, _ = rotten_tomatoes_split()
     notes = tmp_path / "notes.jsonl"
     notes.write_text("".join(json.dumps({"text": e.x, "label": e.label}) + "\n" for e in pool[:60]))
-    with EmbeddedBroker() as broker:
-        aggregator, agg_thread, errors = aggregator_thread(
-            minilm_bundle, broker.settings, tmp_path / "state", "notes", rounds=2, clients_per_round=1,
-            min_clients=1, round_timeout=120, training=TrainingConfig(steps=2, batch_size=8),
-        )
-        app = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "app_embedding.py"), "--bundle", str(minilm_bundle),
-             "--broker", f"mqtt://{broker.settings.host}:{broker.settings.port}", "--federation", "notes",
-             "--notes", str(notes), "--client-id", "notes-app"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-            env={"PYTHONPATH": str(ROOT), "PATH": "", "HOME": str(tmp_path)},
-        )
-        agg_thread.join(60)
+    aggregator, agg_thread, errors = aggregator_thread(
+        minilm_bundle, BrokerSettings.from_url(mosquitto.url), tmp_path / "state", "notes", rounds=2,
+        clients_per_round=1, min_clients=1, round_timeout=120, training=TrainingConfig(steps=2, batch_size=8),
+    )
+    app = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "app_embedding.py"), "--bundle", str(minilm_bundle),
+         "--broker", mosquitto.url, "--federation", "notes", "--notes", str(notes), "--client-id", "notes-app"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "", "HOME": str(tmp_path)},
+    )
+    agg_thread.join(60)
     assert app.returncode == 0 and not errors, app.stdout[-2000:] + app.stderr[-2000:]
     assert "[app] global model for round 2: newest note labelled" in app.stdout, app.stdout
     assert "[app] federation left cleanly (notes-app)." in app.stdout
