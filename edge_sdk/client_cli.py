@@ -7,11 +7,13 @@ import signal
 from pathlib import Path
 
 import click
+import numpy as np
 
 from edge_sdk.cli_options import CONTEXT_SETTINGS, broker_options, broker_settings, tool
 from edge_sdk.client import ClientRefusedError, FederatedClient
 from edge_sdk.data import stratified_split
-from edge_sdk.datasets import DataError, read_text_file, rotten_tomatoes, shard
+from edge_sdk.datasets import DataError, read_data_file, rotten_tomatoes, shard
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.profile import PRESETS
 from edge_sdk.protocol.transport import BrokerUnavailableError
 
@@ -23,8 +25,8 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
 @broker_options
 @click.option("--federation", required=True, help="Federation id (the aggregator's --federation).")
 @click.option("--data", "data_spec", required=True,
-              help="'rotten-tomatoes', a JSON-lines file of {\"text\": ..., \"label\": ...}, or a CSV file with text "
-                   "and label columns.")
+              help="'rotten-tomatoes', a JSON-lines file of {\"text\": ..., \"label\": ...}, a CSV file with text "
+                   "and label columns, or (image bundles) a .npz file with arrays images (N×H×W[×C]) and labels (N).")
 @click.option("--shard", "shard_spec", default=None, help="Use shard I/N of the data (0-based), e.g. 2/5.")
 @click.option("--eval-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
               help="Share of the local data held out for local evaluation.")
@@ -47,9 +49,14 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if data_spec != "rotten-tomatoes" and not Path(data_spec).is_file():
         raise click.BadParameter(f"'{data_spec}' is neither 'rotten-tomatoes' nor a file: give a JSON-lines file "
-                                 "with one {\"text\": ..., \"label\": ...} object per line, or a CSV file with "
-                                 "text and label columns.", param_hint="--data")
-    examples = rotten_tomatoes() if data_spec == "rotten-tomatoes" else read_text_file(data_spec)
+                                 "with one {\"text\": ..., \"label\": ...} object per line, a CSV file with "
+                                 "text and label columns, or for an image bundle a .npz of images and labels.",
+                                 param_hint="--data")
+    examples = rotten_tomatoes() if data_spec == "rotten-tomatoes" else read_data_file(data_spec)
+    is_image = isinstance(examples[0].x, np.ndarray)
+    if is_image != (read_manifest(bundle).task == "img-cls"):
+        raise click.BadParameter(f"{data_spec} holds {'images' if is_image else 'text'}, the bundle is a "
+                                 f"{read_manifest(bundle).task} model: give data of its kind.", param_hint="--data")
     if shard_spec:
         try:
             index, count = (int(x) for x in shard_spec.split("/"))

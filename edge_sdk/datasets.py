@@ -118,6 +118,35 @@ def read_csv(path: str | Path) -> list[Example]:
 
 
 TEXT_FILE_SUFFIXES = (".jsonl", ".csv")
+IMAGE_FILE_SUFFIXES = (".npz",)
+
+
+def read_npz(path: str | Path) -> list[Example]:
+    """Image examples from a .npz file holding `images` (N × H × W, or N × H × W × C; uint8 or float in [0, 1])
+    and integer `labels` (N). Read without unpickling: object arrays are refused."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not {"images", "labels"} <= set(data.files):
+                raise DataError(f"{path}: expected arrays 'images' and 'labels', found {sorted(data.files)}.")
+            images, labels = data["images"], data["labels"]
+    except (ValueError, OSError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path} is not a readable .npz of numeric arrays: {err}") from None
+    if images.ndim not in (3, 4) or labels.ndim != 1 or len(images) != len(labels) or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'images' must be N × H × W (× C) and 'labels' N integers; got {images.shape} "
+                        f"and {labels.shape} {labels.dtype}.")
+    return [Example(images[i], int(labels[i])) for i in range(len(labels))]
+
+
+def read_data_file(path: str | Path) -> list[Example]:
+    """Examples from a text file (.jsonl, .csv) or an image file (.npz)."""
+    if Path(path).suffix.lower() in IMAGE_FILE_SUFFIXES:
+        examples = read_npz(path)
+        if not examples:
+            raise DataError(f"{path} holds no examples.")
+        return examples
+    return read_text_file(path)
 
 
 def read_text_file(path: str | Path) -> list[Example]:

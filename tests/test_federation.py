@@ -286,3 +286,31 @@ def test_restarted_clients_resume_the_open_round_and_never_upload_twice(minilm_b
     assert record["participants"] == ["dev0", "dev1"]
     assert record["rejected"] == 0, record["rejected_reasons"]
     assert "round 1 uploaded" not in logs[1].read_text().split("dev0 joined")[-1], "dev0 uploaded twice"
+
+
+def test_fedpeft_client_federates_an_image_bundle_from_a_npz_file(mosquitto, tmp_path) -> None:
+    """Images as a device holds them (a .npz of Fashion-MNIST arrays), a small ViT bundle, real mosquitto."""
+    from click.testing import CliRunner
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from edge_sdk.datasets import fashion_mnist
+    from export.cli import main as export_cli
+
+    model_dir, bundle = tmp_path / "vit", tmp_path / "bundle"
+    ViTForImageClassification(ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                         num_labels=10)).save_pretrained(model_dir)
+    exported = CliRunner().invoke(export_cli, ["--out", str(bundle), "--model", str(model_dir), "--task", "img-cls",
+                                               "--ranks", "2,4", "--num-labels", "10"])
+    assert exported.exit_code == 0, exported.output
+    images = fashion_mnist("test", limit=96)
+    data = tmp_path / "images.npz"
+    np.savez(data, images=np.stack([e.x for e in images]), labels=np.array([e.label for e in images]))
+    logs = [tmp_path / "aggregator.log", tmp_path / "device.log"]
+    aggregator = start_aggregator(bundle, mosquitto.url, tmp_path / "state", logs[0], "--federation", "images",
+                                  "--rounds", "1", "--clients-per-round", "1", "--min-clients", "1", "--steps", "2",
+                                  "--round-timeout", "300")
+    device = start_client(bundle, mosquitto.url, "images", data, "camera-1", tmp_path / "c", logs[1], "--threads", "1")
+    finish([aggregator, device], 300, logs)
+    (record,) = read_metrics(tmp_path / "state")
+    assert record["participants"] == ["camera-1"] and record["samples"] == 96
