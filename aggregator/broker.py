@@ -88,7 +88,7 @@ class Mosquitto:
         self.config = folder / "mosquitto.conf"
         self.config.write_text(user + (config or (
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            "max_queued_messages 100000\nmax_queued_bytes 0\nmax_inflight_messages 100\n"
+            "max_queued_messages 100000\nmax_queued_bytes 0\nmax_inflight_messages 20\nmax_packet_size 4194304\n"
             "set_tcp_nodelay true\npersistence true\n"
             f"persistence_location {folder}/\nlog_dest file {folder}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n"

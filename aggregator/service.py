@@ -166,14 +166,27 @@ class Aggregator:
         self.rejections_total = 0
         self._told: set[tuple[int | None, str, str]] = set()
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.dropped_qos0 = 0
         self._reassembler = Reassembler(self.max_update_bytes)
         self._round: _Round | None = None
         self._published_chunks: dict[int, int] = {}
         self._stop = False
         self.connection = MqttConnection(
-            f"fedpeft-{options.federation}-{AGGREGATOR_ID}", broker, self._inbox.put,
+            f"fedpeft-{options.federation}-{AGGREGATOR_ID}", broker, self._receive,
             subscriptions=[self.topics.all_statuses, self.topics.all_updates], manual_ack=True,
         )
+
+    def _receive(self, message: mqtt.MQTTMessage) -> None:
+        """On the network thread: queue a message for the service thread. The protocol sends everything at QoS 1,
+        which the broker paces (its max_inflight_messages, acknowledged only once handled); a QoS 0 message has
+        no such pacing, so a flood of them could fill memory faster than it drains: dropped here, counted."""
+        if message.qos == 0:
+            self.dropped_qos0 += 1
+            if self.dropped_qos0 in (1, 1000, 100_000):
+                log.warning("dropped %d QoS 0 messages (the protocol uses QoS 1; last on %s)", self.dropped_qos0,
+                            message.topic)
+            return
+        self._inbox.put(message)
 
     def config(self) -> FederationConfig:
         policy = self.options.rank_policy or RankPolicy.balanced(max(self.manifest.ranks), 4 * 2**30, 4.0, 1000)

@@ -139,3 +139,45 @@ def test_an_update_that_breaks_the_merge_is_quarantined_and_the_round_closes(min
     store = StateDir(tmp_path / "state")
     assert sorted(store.updates(1)) == ["dev0", "dev1"]
     assert (store.round_dir(1) / "quarantine" / "mallory.fpa").is_file()
+
+
+def test_chunk_floods_at_qos_0_and_1_leave_the_aggregators_memory_flat(minilm_bundle: Path, mosquitto,
+                                                                        tmp_path: Path) -> None:
+    """600 MiB of chunk frames from one logged-in device on its own update topic, half at QoS 0 (no flow control,
+    dropped on arrival) and half at QoS 1 (paced by the broker's in-flight window, each handled and acknowledged):
+    the aggregator's resident memory grows by at most 100 MB and it keeps running."""
+    import os
+    import time
+
+    import paho.mqtt.client as mqtt
+    import psutil
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_sdk.protocol import Topics, split_payload
+    from tests.federation import start_aggregator, wait_for
+
+    log = tmp_path / "aggregator.log"
+    aggregator = start_aggregator(minilm_bundle, mosquitto.url, tmp_path / "state", log, "--federation", "flood",
+                                  "--rounds", "1", "--min-clients", "2", "--min-online", "3")
+    wait_for(lambda: "waiting for clients" in log.read_text(), 120, "the aggregator to wait for clients")
+    process = psutil.Process(aggregator.pid)
+    time.sleep(1)
+    before = process.memory_info().rss
+    attacker = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="mallory")
+    attacker.connect("127.0.0.1", mosquitto.port)
+    attacker.loop_start()
+    topic = Topics("flood").update("mallory")
+    frames = split_payload(os.urandom(300 << 20), chunk_size=1 << 20)
+    infos = [attacker.publish(topic, frame, qos=qos) for qos in (0, 1) for frame in frames[:300]]
+    for info in infos:
+        info.wait_for_publish(120)
+    wait_for(lambda: aggregator.poll() is not None or "dropped 1 QoS 0 messages" in log.read_text(), 60,
+             "the aggregator to report the QoS 0 flood")
+    time.sleep(3)
+    growth = process.memory_info().rss - before
+    attacker.loop_stop()
+    attacker.disconnect()
+    assert aggregator.poll() is None, log.read_text()[-2000:]
+    aggregator.terminate()
+    aggregator.wait(30)
+    assert growth <= 100 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
