@@ -48,7 +48,7 @@ def dp_fedavg(
         u, s, vt = np.linalg.svd(noised, full_matrices=False)
         global_state[name] = SvdFactors(u, s, vt.T)
     head: dict[str, np.ndarray] = {}
-    for key in sorted(head_deltas[0]) if head_deltas and head_deltas[0] else []:
+    for key in sorted(head_deltas[0]):
         total = sum(f * h[key] for f, h in zip(factors, head_deltas))
         head[key] = (total + rng.normal(0.0, sigma, np.shape(total))) / sampled
     tiers = {r: {name: redistribute(global_state[name], r, layers[name].scaling(r)) for name in layers}
