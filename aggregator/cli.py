@@ -79,7 +79,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          server_lr_floor: float,
          r_max: int | None, normalizers: str, head: str, dtype: str, chunk_size: int, log_level: str) -> None:
     """Sample online clients, collect and validate their adapters, merge, persist and publish each round."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     if clients_per_round and fraction:
         raise click.UsageError("Give --clients-per-round or --fraction, not both.")
     try:

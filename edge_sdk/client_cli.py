@@ -46,7 +46,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          preset: str | None, threads: int | None, state_dir: Path | None, max_rounds: int | None,
          connect_timeout: float, log_level: str) -> None:
     """Join a federation, train on local data each round this device is sampled, and upload the adapter."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     if data_spec != "rotten-tomatoes" and not Path(data_spec).is_file():
         raise click.BadParameter(f"'{data_spec}' is neither 'rotten-tomatoes' nor a file: give a JSON-lines file "
                                  "with one {\"text\": ..., \"label\": ...} object per line, a CSV file with "

@@ -72,7 +72,7 @@ class NotesApp:
 @click.option("--client-id", default=None, help="Stable id of this installation [default: generated once].")
 def main(bundle: Path, broker_url: str, federation: str, notes: Path, client_id: str | None) -> None:
     """Take part in a federation from inside an app until it finishes or the app is closed (Ctrl-C)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     app = NotesApp(bundle, notes)
     client = FederatedClient(
         bundle, BrokerSettings.from_url(broker_url), federation, data=app.examples_for_round,

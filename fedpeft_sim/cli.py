@@ -97,7 +97,7 @@ def _data_bundle(path: Path | None, data: str, strategy: str) -> Path:
 def main(verbose: bool) -> None:
     """Simulate federations of heterogeneous devices with the real SDK, aggregator and protocol."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     for name in ("fedpeft.sim", "fedpeft.report"):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("amqtt").setLevel(logging.ERROR)

@@ -76,6 +76,7 @@ def test_a_refused_broker_connection_says_so_within_the_connect_timeout(minilm_b
                                              "--connect-timeout", "2", "--state-dir", str(tmp_path / "c")])
     _one_line_error(result, 1, "within 2 s", "connection refused, nothing listens on port 1")
     assert time.monotonic() - started < 30
+    assert "INFO" in result.output and "broker unreachable" in result.output, "--log-level INFO reaches the user"
 
 
 def test_the_simulator_refuses_an_unknown_strategy_or_data_set_before_any_export(tmp_path: Path) -> None:
