@@ -169,6 +169,20 @@ def aggregator_thread(bundle: Path, settings, state: Path, federation: str, **op
     return aggregator, thread, errors
 
 
+def run_until_finished(clients, agg_thread, timeout: float = 300) -> dict[str, list]:
+    """Run each FederatedClient in its own thread until the aggregator's thread ends; client id → its reports."""
+    import threading
+
+    reports: dict[str, list] = {}
+    threads = [threading.Thread(target=lambda c=c: reports.__setitem__(c.client_id, c.run())) for c in clients]
+    for thread in threads:
+        thread.start()
+    agg_thread.join(timeout)
+    for thread in threads:
+        thread.join(60)
+    return reports
+
+
 def two_tier_simulation(bundle: Path, strategy: str, broker_url: str, out: Path) -> tuple[dict, list[dict], list[dict]]:
     """Six simulated devices on both test tiers, 3 rounds of 12 steps at α=1.0 over a real broker.
 

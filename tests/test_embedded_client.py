@@ -14,7 +14,7 @@ from edge_sdk.client import FederatedClient
 from edge_sdk.datasets import shard
 from edge_sdk.protocol import TrainingConfig, decode_adapter
 from edge_sdk.protocol.manifest import read_manifest
-from tests.federation import aggregator_thread, rotten_tomatoes_split
+from tests.federation import aggregator_thread, rotten_tomatoes_split, run_until_finished
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,7 @@ def test_two_app_clients_federate_through_the_embedded_broker_and_a_late_one_ret
                             evaluate=app_evaluation(f"app{i}"))
             for i in range(2)
         ]
-        reports: dict[str, list] = {}
-        threads = [threading.Thread(target=lambda c=c: reports.__setitem__(c.client_id, c.run())) for c in clients]
-        for thread in threads:
-            thread.start()
-        agg_thread.join(300)
-        for thread in threads:
-            thread.join(60)
+        reports = run_until_finished(clients, agg_thread)
         assert not agg_thread.is_alive() and not errors, errors
 
         late = FederatedClient(minilm_bundle, broker.settings, "embedded", data=shard(pool, 0, 2)[:16],

@@ -97,7 +97,6 @@ def test_an_update_that_breaks_the_merge_is_quarantined_and_the_round_closes(min
     """Fault injection: the merge raises whenever mallory's update is in it (as a NaN-producing update once
     did, crashing the aggregator into a restart loop). The round closes without it, mallory is told, and its
     update is kept aside where a restart does not load it."""
-    import threading
     from dataclasses import replace
 
     from aggregator.broker import EmbeddedBroker
@@ -106,7 +105,7 @@ def test_an_update_that_breaks_the_merge_is_quarantined_and_the_round_closes(min
     from edge_sdk.client import FederatedClient
     from edge_sdk.datasets import shard
     from edge_sdk.protocol import TrainingConfig
-    from tests.federation import aggregator_thread, rotten_tomatoes_split
+    from tests.federation import aggregator_thread, rotten_tomatoes_split, run_until_finished
 
     honest = STRATEGIES["svd-weighted"]
 
@@ -126,12 +125,7 @@ def test_an_update_that_breaks_the_merge_is_quarantined_and_the_round_closes(min
         clients = [FederatedClient(minilm_bundle, broker.settings, "quarantine", data=shard(pool, i, 3)[:32],
                                    client_id=name, threads=1, state_dir=tmp_path / "clients")
                    for i, name in enumerate(names)]
-        threads = [threading.Thread(target=c.run) for c in clients]
-        for thread in threads:
-            thread.start()
-        agg_thread.join(300)
-        for thread in threads:
-            thread.join(60)
+        run_until_finished(clients, agg_thread)
     assert not agg_thread.is_alive() and not errors, errors
     (record,) = aggregator.records
     assert record.participants == ["dev0", "dev1"]
