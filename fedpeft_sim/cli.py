@@ -143,6 +143,8 @@ def main(verbose: bool) -> None:
               help="Central test examples scored after the last round [default: the whole split].")
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Score the global on the central subset every this many rounds (and after the last).")
+@click.option("--final-window", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Score each of the last this many rounds on the final examples (the end-of-run spread).")
 @click.option("--local-eval-every", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training examples.")
 @click.option("--trainer-cores", type=click.IntRange(min=1), default=None,
@@ -158,8 +160,8 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         dp_noise: float | None, dp_delta: float | None, server_opt: str, server_lr: float,
         server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
         server_schedule: str, server_lr_floor: float,
-        dtype: str, eval_samples: int, final_samples: int | None, eval_every: int, local_eval_every: int,
-        pool_limit: int | None, trainer_cores: int | None, broker: str | None, plot: bool) -> None:
+        dtype: str, eval_samples: int, final_samples: int | None, eval_every: int, final_window: int,
+        local_eval_every: int, pool_limit: int | None, trainer_cores: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
     config = SimConfig(
         bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
@@ -170,7 +172,7 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps,
                                           server_schedule, server_lr_floor, rounds),
         privacy=privacy_settings(strategy, dp_clip, dp_noise, dp_delta),
-        eval_samples=eval_samples, final_samples=final_samples, eval_every=eval_every,
+        eval_samples=eval_samples, final_samples=final_samples, eval_every=eval_every, final_window=final_window,
         local_eval_every=local_eval_every, pool_limit=pool_limit,
         trainer_cores=trainer_cores, broker_url=broker,
     )

@@ -18,7 +18,7 @@ from fedpeft_sim.simulation import load_data, subset
 
 def rescore_run(run: Path, bundle: Path | None = None) -> list[dict]:
     """Per round (0: the untrained adapter): accuracy, macro-F1 and ROC AUC of the top tier's global,
-    on what the run itself scored: the per-round subset, and the final split after the last round."""
+    on what the run itself scored: the per-round subset, and the final split in the closing window."""
     summary = run / "summary.json"
     if not summary.is_file():
         raise FileNotFoundError(f"{run} has no summary.json: rescore a run that finished.")
@@ -31,13 +31,14 @@ def rescore_run(run: Path, bundle: Path | None = None) -> list[dict]:
         raise FileNotFoundError(f"{run} kept no global adapters (a full-model run, or none finished): nothing to rescore.")
     bundle = bundle or Path(config["bundle"])
     trainer = Trainer(bundle, max(read_manifest(bundle).ranks))
+    closing = max(config["rounds"] - config.get("final_window", 1), 0)
     rows = []
     for round_number in range(config["rounds"] + 1):
         payloads = store.globals(round_number)
         if round_number and not payloads:
             break
         trainer.load_state(None, decode_adapter(payloads[trainer.rank], trainer.manifest)[1] if payloads else None)
-        report = trainer.evaluate(final if round_number == config["rounds"] else per_round)
+        report = trainer.evaluate(final if round_number > closing else per_round)
         rows.append({"round": round_number, "accuracy": report.accuracy, "macro_f1": report.macro_f1,
                      "roc_auc": report.roc_auc, "samples": report.samples})
     return rows

@@ -83,6 +83,9 @@ class SimConfig:
     """dp-fedavg's clip, noise and δ."""
     eval_every: int = 1
     """Score the global on the central subset every this many rounds (and after the last)."""
+    final_window: int = 10
+    """The last this many rounds are each scored on the final split, so the end-of-run spread is
+    measured round by round on the same examples as the final accuracy."""
     rank_mix: RankMix = "policy"
     """How devices get their tiers: the rank formula over their measured profiles ("policy"; the mix then
     follows the host's load), or client i the i-th tier in turn ("round-robin": an equal, fixed mix)."""
@@ -187,9 +190,10 @@ class Evaluator:
     def __call__(self, record: RoundRecord) -> None:
         round_number = record.round
         last = round_number == self.config.rounds
+        closing = round_number > self.config.rounds - self.config.final_window
         local = last or round_number % self.config.local_eval_every == 0
         row = {"round": round_number, "strategy": self.config.strategy, **_traffic(record), **self._clients(record)}
-        if not (last or local or round_number % self.config.eval_every == 0):
+        if not (closing or local or round_number % self.config.eval_every == 0):
             self._append(row)
             return
         globals_ = {rank: decode_adapter(p, self.manifest)[1] for rank, p in self.store.globals(round_number).items()}
@@ -197,7 +201,7 @@ class Evaluator:
         started = time.perf_counter()
         with self.pool.lease(top) as trainer:
             trainer.load_state(None, globals_[top])
-            central = trainer.evaluate(self.final if last else self.central)
+            central = trainer.evaluate(self.final if closing else self.central)
         row.update({"central_accuracy": central.accuracy, "central_macro_f1": central.macro_f1,
                     "central_roc_auc": central.roc_auc, "central_samples": central.samples, "eval_rank": top})
         if local:
