@@ -138,9 +138,9 @@ def main(verbose: bool) -> None:
 @server_optimizer_options
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Central test examples scored per round (--final-samples after the last).")
+              help="Central test examples scored per round (--final-samples in the closing window).")
 @click.option("--final-samples", type=click.IntRange(min=1), default=None,
-              help="Central test examples scored after the last round [default: the whole split].")
+              help="Central test examples scored in each round of --final-window [default: the whole split].")
 @click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Score the global on the central subset every this many rounds (and after the last).")
 @click.option("--final-window", type=click.IntRange(min=1), default=10, show_default=True,

@@ -72,7 +72,7 @@ class SimConfig:
     pool_limit: int | None = None
     eval_samples: int | None = 1000
     final_samples: int | None = None
-    """Central test examples scored after the last round (a fixed stratified subset; None: the whole split)."""
+    """Central test examples scored in each round of the closing window (a fixed stratified subset; None: the whole split)."""
     local_eval_every: int = 5
     broker_url: str | None = None
     rank_policy: RankPolicy | None = None
