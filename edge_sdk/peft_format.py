@@ -1,8 +1,11 @@
 """Write an adapter as a standard Hugging Face peft adapter folder, without peft on the device.
 
 The folder (adapter_model.safetensors + adapter_config.json) loads with
-`PeftModel.from_pretrained(base_model, folder)`; key names and the config come from the bundle
-manifest, which recorded them from peft at export time.
+`PeftModel.from_pretrained(base_model, folder)` or `AutoPeftModelForSequenceClassification`; key names
+and the config come from the bundle manifest, which recorded them from peft at export time. peft
+builds the head's config from the base model's hub config, so the task's class names travel in
+labels.json (a list in label order) and are passed as `id2label=dict(enumerate(names))` and the
+matching `label2id`: README.md shows the call.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from edge_sdk.protocol.manifest import BundleError, Manifest
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+LABELS_FILE = "labels.json"
 
 
 def write_peft_adapter(
@@ -54,6 +58,8 @@ def write_peft_adapter(
     try:
         save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
         (work / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if manifest.labels:
+            (work / LABELS_FILE).write_text(json.dumps(manifest.labels))
         if bundle is not None:
             for name in manifest.tokenizer.get("files", []):
                 _link_or_copy(Path(bundle) / manifest.tokenizer["dir"] / name, work / name)

@@ -43,7 +43,7 @@ def main(workdir: Path, rank: int, steps: int, rounds: int, local_steps: int, re
     start = time.perf_counter()
     if re_export or not _usable(bundle):
         click.secho("1/3 fedpeft-export: MiniLM-L6 + LoRA → onnxruntime-training bundle", bold=True)
-        _run([sys.executable, "-m", "export.cli", "--out", str(bundle), "--force"])
+        _run([sys.executable, "-m", "export.cli", "--out", str(bundle), "--force", "--labels", "rotten,fresh"])
     else:
         click.secho(f"1/3 reusing the bundle in {bundle} (--re-export to rebuild)", bold=True)
     click.secho(f"2/3 on-device training of tier r={rank} (onnxruntime-training, torch not imported)", bold=True)

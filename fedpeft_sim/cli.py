@@ -77,7 +77,7 @@ def _image_bundle(path: Path) -> Path:
         if not (base / "config.json").is_file():
             click.echo(f"pretraining the image base model to {base} (a few minutes) ...")
             subprocess.run([sys.executable, "-m", "fedpeft_sim.pretrain_vit", "--out", str(base)], check=True)
-        _bundle(path, "--model", str(base), "--task", "img-cls", "--num-labels", "5")
+        _bundle(path, "--model", str(base), "--task", "img-cls", "--labels", "sandal,shirt,sneaker,bag,ankle boot")
     return path
 
 

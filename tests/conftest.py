@@ -50,11 +50,12 @@ def probe_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model exported at two tiers (the full four-tier export is in the demo/benchmarks)."""
+    """The default model exported at two tiers with Rotten Tomatoes' class names (the full four-tier export is
+    in the demo/benchmarks)."""
     from export.bundle import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "minilm"
-    export_bundle(out, ExportOptions(ranks=TEST_RANKS))
+    export_bundle(out, ExportOptions(ranks=TEST_RANKS, labels=("rotten", "fresh")))
     return out
 
 

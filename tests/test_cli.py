@@ -85,3 +85,13 @@ def test_the_simulator_refuses_an_unknown_strategy_or_data_set_before_any_export
     _one_line_error(runner.invoke(sim_cli, [*base, "--strategy", "nope"]), 2, "'nope' is not one of")
     _one_line_error(runner.invoke(sim_cli, [*base, "--data", "imdb"]), 2, "'imdb' is neither", ".jsonl or .csv")
     assert list(tmp_path.iterdir()) == [], "nothing was exported or written"
+
+
+def test_export_refuses_class_names_that_disagree_with_the_head_before_loading_the_model(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = ["--out", str(tmp_path / "bundle")]
+    _one_line_error(runner.invoke(export_cli, [*out, "--labels", "neg,pos", "--num-labels", "3"]),
+                    1, "--labels names 2 classes but --num-labels is 3")
+    _one_line_error(runner.invoke(export_cli, [*out, "--labels", "neg,neg"]), 1, "distinct non-empty names")
+    _one_line_error(runner.invoke(export_cli, [*out, "--labels", "neg,"]), 2, "comma-separated class names")
+    assert list(tmp_path.iterdir()) == [], "nothing was exported"

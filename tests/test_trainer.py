@@ -21,7 +21,6 @@ from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.trainer import Trainer, learning_rate, macro_f1, roc_auc
 from edge_sdk.trainer_pool import TrainerPool
 from export.cli import main as export_cli
-from tests.conftest import peft_logits
 
 SENTENCES = rotten_tomatoes()[:96]
 
@@ -182,13 +181,28 @@ def test_roc_auc_is_the_pairwise_win_rate_with_ties_counting_half(pairs) -> None
     assert roc_auc(labels, scores.astype(float)) == pytest.approx(wins.mean())
 
 
-def test_peft_adapter_folder_reproduces_ort_logits_from_anywhere(minilm_bundle: Path, tmp_path: Path,
-                                                                  monkeypatch) -> None:
-    """The folder names its base by hub id (no path of this machine), carries the tokenizer, lists each saved
-    module once, and loaded from another working directory gives the device's logits."""
+def _hub_cache(folder: Path, repo_id: str, model_dir: Path) -> Path:
+    """A Hugging Face hub cache at `folder` holding `model_dir` as `repo_id`, the layout an offline machine has."""
+    snapshot = folder / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in model_dir.iterdir():
+        if file.is_file():
+            (snapshot / file.name).symlink_to(file.resolve())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    return folder
+
+
+def test_peft_adapter_folder_loads_by_hub_id_from_anywhere_with_the_task_label_names(
+        minilm_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    """The folder names its base by hub id (no path of this machine), carries the tokenizer and the class names,
+    lists each saved module once, and AutoPeftModelForSequenceClassification, run from another working directory
+    on an offline hub cache, builds the base from that id and gives the device's logits under the task's names."""
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
     from tokenizers import Tokenizer
 
-    from export.model import DEFAULT_MODEL_ID
+    from export.model import DEFAULT_MODEL_ID, resolve_model_dir
 
     trainer = Trainer(minilm_bundle, 8, threads=2)
     trainer.fit(SENTENCES[:64], epochs=1, batch_size=16, lr=2e-3)
@@ -198,14 +212,23 @@ def test_peft_adapter_folder_reproduces_ort_logits_from_anywhere(minilm_bundle: 
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == DEFAULT_MODEL_ID and config["lora_alpha"] == 16.0
     assert len(config["modules_to_save"]) == len(set(config["modules_to_save"]))
+    cache = _hub_cache(tmp_path / "hub", DEFAULT_MODEL_ID, resolve_model_dir(None))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     relative = Path("..") / "adapter"
     encoded = Tokenizer.from_file(str(relative / "tokenizer.json")).encode(SENTENCES[0].x)
     assert encoded.ids[:10] == trainer.encoder(SENTENCES[:1])["input_ids"][0][:10].tolist()
-    reference = peft_logits(relative, trainer.encoder(SENTENCES[:8]))
-    assert np.abs(reference - _logits(trainer, SENTENCES[:8])).max() < 1e-4
+    names = json.loads((relative / "labels.json").read_text())
+    assert names == trainer.manifest.labels == ["rotten", "fresh"]
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        str(relative), cache_dir=str(cache), local_files_only=True,
+        id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}).eval()
+    assert model.config.id2label == {0: "rotten", 1: "fresh"} and model.config.label2id == {"rotten": 0, "fresh": 1}
+    feeds = trainer.encoder(SENTENCES[:8])
+    with torch.no_grad():
+        logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert np.abs(logits - _logits(trainer, SENTENCES[:8])).max() < 1e-4
 
 
 def test_image_bundle_trains_on_fashion_mnist(tmp_path: Path) -> None:
