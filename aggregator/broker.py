@@ -1,6 +1,10 @@
 """Local MQTT brokers: `--broker embedded` (amqtt, in process, so a demo needs no set-up) and a mosquitto
 process on loopback (the simulator's default where mosquitto is installed, and the tests').
 
+Given the device ids, the local mosquitto admits only generated logins (a random password per device and
+one for the aggregator) under the shipped topic ACL, so another local process can neither read nor forge
+updates nor take the aggregator's session. amqtt has no equivalent here: it admits anyone.
+
 For production use mosquitto with TLS, passwords and ACLs (examples/mosquitto/): it is several
 times faster on fan-in than amqtt, persists sessions across restarts, and runs outside the
 aggregator's process. amqtt shares the simulator's process and GIL and, under load, loses
@@ -12,17 +16,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from edge_sdk.protocol.transport import BrokerSettings
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+AGGREGATOR_USER = "aggregator"
+TOPIC_ACL = """user aggregator
+topic readwrite fedpeft/#
+
+pattern read fedpeft/+/config
+pattern read fedpeft/+/task
+pattern read fedpeft/+/result
+pattern read fedpeft/+/global/#
+pattern read fedpeft/+/notice/%u
+pattern readwrite fedpeft/+/clients/%u/status
+pattern write fedpeft/+/clients/%u/update
+"""
+"""Usernames are client ids: the aggregator reads and writes everything, a device reads what the aggregator
+announces and writes only its own status and updates (examples/mosquitto/acl holds the same rules)."""
 
 
 class EmbeddedBroker:
@@ -37,6 +59,10 @@ class EmbeddedBroker:
     @property
     def settings(self) -> BrokerSettings:
         return BrokerSettings(host=self.host, port=self.port)
+
+    def login(self, _user: str) -> BrokerSettings:
+        """The settings `_user` connects with: anonymous, since amqtt here admits anyone."""
+        return self.settings
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         from amqtt.broker import Broker
@@ -80,14 +106,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Mosquitto:
     """One mosquitto process on 127.0.0.1 with QoS 1 queues raised (its default 1000 silently drops)."""
 
-    def __init__(self, folder: Path, config: str | None = None, port: int | None = None) -> None:
-        """`config` replaces the generated settings (the port is then the caller's business)."""
+    def __init__(self, folder: Path, config: str | None = None, port: int | None = None,
+                 devices: Sequence[str] | None = None) -> None:
+        """`config` replaces the generated settings (the port is then the caller's business). With `devices`,
+        only they and the aggregator log in, each with a generated password, under `TOPIC_ACL`."""
         self.folder, self.port = folder, port or free_port()
         folder.mkdir(parents=True, exist_ok=True)
+        self.passwords: dict[str, str] = {}
         user = "user root\n" if os.geteuid() == 0 else ""
+        access = "allow_anonymous true\n"
+        if devices is not None and config is None:
+            access = self._write_logins([AGGREGATOR_USER, *devices])
         self.config = folder / "mosquitto.conf"
         self.config.write_text(user + (config or (
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"listener {self.port} 127.0.0.1\n{access}"
             "max_queued_messages 100000\nmax_queued_bytes 0\nmax_inflight_messages 20\nmax_packet_size 4194304\n"
             "set_tcp_nodelay true\npersistence true\n"
             f"persistence_location {folder}/\nlog_dest file {folder}/mosquitto.log\n"
@@ -102,6 +134,31 @@ class Mosquitto:
     @property
     def settings(self) -> BrokerSettings:
         return BrokerSettings(host="127.0.0.1", port=self.port)
+
+    def login(self, user: str) -> BrokerSettings:
+        """The settings `user` (a device id or `AGGREGATOR_USER`) connects with; anonymous on an open broker."""
+        if not self.passwords:
+            return self.settings
+        if user not in self.passwords:
+            raise KeyError(f"{user!r} has no login on this broker; list it in devices=.")
+        return replace(self.settings, username=user, password=self.passwords[user])
+
+    def _write_logins(self, users: list[str]) -> str:
+        """A random password per user, hashed by mosquitto_passwd, and the ACL; returns the config lines."""
+        if len(set(users)) != len(users) or any(not u or ":" in u or u.isspace() for u in users):
+            raise ValueError(f"Device ids must be distinct, non-empty and free of ':'; got {users[:5]}...")
+        if not Path(MOSQUITTO_PASSWD).exists():
+            raise RuntimeError("mosquitto_passwd is missing: apt-get install mosquitto "
+                               "(scripts/system-packages.sh does).")
+        self.passwords = {user: secrets.token_urlsafe(18) for user in users}
+        passwords, acl = self.folder.resolve() / "passwords", self.folder.resolve() / "acl"
+        fd = os.open(passwords, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.writelines(f"{user}:{password}\n" for user, password in self.passwords.items())
+        subprocess.run([MOSQUITTO_PASSWD, "-U", str(passwords)], check=True, capture_output=True)
+        acl.write_text(TOPIC_ACL)
+        return (f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
+                "use_username_as_clientid true\n")
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         if not Path(MOSQUITTO).exists():
@@ -133,6 +190,12 @@ class Mosquitto:
         self.stop()
 
 
-def local_broker(folder: Path) -> Mosquitto | EmbeddedBroker:
-    """A broker on loopback for one process's federation: mosquitto where installed, else the embedded amqtt."""
-    return Mosquitto(folder) if Path(MOSQUITTO).exists() else EmbeddedBroker()
+def local_broker(folder: Path, devices: Sequence[str] | None = None) -> Mosquitto | EmbeddedBroker:
+    """A broker on loopback for one process's federation: mosquitto where installed (with `devices`, only they
+    and the aggregator log in), else the embedded amqtt, which admits anyone (logged as a warning)."""
+    if Path(MOSQUITTO).exists():
+        return Mosquitto(folder, devices=devices)
+    logging.getLogger("fedpeft.broker").warning(
+        "mosquitto is not installed: the embedded broker admits any local process "
+        "(apt-get install mosquitto for generated logins and an ACL)")
+    return EmbeddedBroker()

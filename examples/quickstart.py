@@ -1,14 +1,16 @@
 """The one-command demo: export MiniLM + LoRA, train a tier on device, then run a federation over MQTT.
 
 Every step runs in its own process, as on real hardware: the export (torch), the device
-trainer (onnxruntime only), the aggregator with its embedded MQTT broker, and three devices of
-different tiers that join it. The federated adapter is compared with the untrained one on
+trainer (onnxruntime only), the aggregator, and three devices of different tiers that join it over
+a local MQTT broker (mosquitto with a generated login per device and the shipped ACL where it is
+installed, else the embedded amqtt). The federated adapter is compared with the untrained one on
 held-out reviews at the end.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import click
 
-from aggregator.broker import free_port
-from edge_sdk.data import stratified_split
+from aggregator.broker import AGGREGATOR_USER, EmbeddedBroker, Mosquitto, local_broker
+from edge_sdk.data import Example, stratified_split
 from edge_sdk.datasets import rotten_tomatoes, shard
 from edge_sdk.protocol import decode_adapter
 from edge_sdk.protocol.manifest import BundleError, read_manifest
@@ -49,7 +51,7 @@ def main(workdir: Path, rank: int, steps: int, rounds: int, local_steps: int, re
     click.secho(f"2/3 on-device training of tier r={rank} (onnxruntime-training, torch not imported)", bold=True)
     _run([sys.executable, str(Path(__file__).with_name("train_on_device.py")), "--bundle", str(bundle), "--rank", str(rank),
           "--steps", str(steps)])
-    click.secho(f"3/3 federation: aggregator + embedded MQTT broker, {len(DEVICES)} devices "
+    click.secho(f"3/3 federation: aggregator + local MQTT broker, {len(DEVICES)} devices "
                 f"({', '.join(DEVICES)} tiers), {rounds} rounds", bold=True)
     _federate(bundle, workdir / "federation", rounds, local_steps)
     click.echo(f"Demo finished in {time.perf_counter() - start:.0f} s.")
@@ -58,25 +60,46 @@ def main(workdir: Path, rank: int, steps: int, rounds: int, local_steps: int, re
 def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     pool, held_out = stratified_split(rotten_tomatoes(), test_fraction=0.1, seed=0)
-    port = free_port()
     state, logs = folder / "state", folder / "logs"
     logs.mkdir(parents=True)
-    aggregator = _spawn([sys.executable, "-m", "aggregator.cli", "--bundle", str(bundle), "--broker", "embedded",
-                         "--embedded-port", str(port), "--federation", "demo", "--rounds", str(rounds),
-                         "--clients-per-round", str(len(DEVICES)), "--min-clients", str(len(DEVICES)),
-                         "--steps", str(local_steps), "--lr", "3e-3", "--normalizers", "2048,0.1,300",
-                         "--state-dir", str(state), "--metrics", str(state / "metrics.jsonl")], logs / "aggregator.log")
-    time.sleep(3)
-    devices = []
-    for i, preset in enumerate(DEVICES):
-        data = folder / f"device{i}.jsonl"
-        data.write_text("".join(json.dumps({"text": e.x, "label": e.label}) + "\n"
-                                for e in shard(pool, i, len(DEVICES))[:400]))
-        devices.append(_spawn([sys.executable, "-m", "edge_sdk.client_cli", "--bundle", str(bundle), "--broker",
-                               f"mqtt://127.0.0.1:{port}", "--federation", "demo", "--data", str(data),
-                               "--client-id", f"{preset}-device", "--profile", preset, "--state-dir",
-                               str(folder / "devices")], logs / f"{preset}-device.log"))
-    metrics = state / "metrics.jsonl"
+    device_ids = [f"{preset}-device" for preset in DEVICES]
+    with local_broker(folder / "broker", device_ids) as broker:
+        aggregator = _spawn([sys.executable, "-m", "aggregator.cli", *_login(broker, AGGREGATOR_USER, folder),
+                             "--federation", "demo", "--rounds", str(rounds),
+                             "--clients-per-round", str(len(DEVICES)), "--min-clients", str(len(DEVICES)),
+                             "--steps", str(local_steps), "--lr", "3e-3", "--normalizers", "2048,0.1,300",
+                             "--bundle", str(bundle), "--state-dir", str(state),
+                             "--metrics", str(state / "metrics.jsonl")], logs / "aggregator.log")
+        devices = []
+        for i, (preset, device_id) in enumerate(zip(DEVICES, device_ids)):
+            data = folder / f"device{i}.jsonl"
+            data.write_text("".join(json.dumps({"text": e.x, "label": e.label}) + "\n"
+                                    for e in shard(pool, i, len(DEVICES))[:400]))
+            devices.append(_spawn([sys.executable, "-m", "edge_sdk.client_cli", "--bundle", str(bundle),
+                                   *_login(broker, device_id, folder), "--federation", "demo", "--data", str(data),
+                                   "--client-id", device_id, "--profile", preset, "--state-dir",
+                                   str(folder / "devices")], logs / f"{device_id}.log"))
+        _watch(aggregator, devices, state / "metrics.jsonl", logs, rounds)
+    _report(bundle, held_out, state / "metrics.jsonl", folder, rounds)
+
+
+def _login(broker: Mosquitto | EmbeddedBroker, user: str, folder: Path) -> list[str]:
+    """--broker (and, where the broker has logins, --username and a --password-file only `user` reads) for `user`."""
+    settings = broker.login(user)
+    args = ["--broker", f"mqtt://{settings.host}:{settings.port}"]
+    if settings.password is None:
+        return args
+    secret = folder / "logins" / user
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(settings.password + "\n")
+    return [*args, "--username", user, "--password-file", str(secret)]
+
+
+def _watch(aggregator: subprocess.Popen, devices: list[subprocess.Popen], metrics: Path, logs: Path,
+           rounds: int) -> None:
+    """Print device events and rounds as they happen until the aggregator ends; all must exit cleanly."""
     shown, seen = 0, {}
     click.echo(f"  devices profile themselves, choose their tiers and train (device logs in {logs}):")
     while aggregator.poll() is None:
@@ -90,6 +113,11 @@ def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None
     for process in [aggregator, *devices]:
         if process.wait() != 0:
             raise click.ClickException(f"{process.args[2]} failed; see the logs in {logs}.")
+
+
+def _report(bundle: Path, held_out: list[Example], metrics: Path, folder: Path, rounds: int) -> None:
+    """Score each round's global adapter on held-out reviews, print the table and write the plots."""
+    state = metrics.parent
     manifest = read_manifest(bundle)
     top = max(manifest.ranks)
     trainer, test = Trainer(bundle, top), held_out[:600]

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from aggregator.broker import local_broker
+from aggregator.broker import AGGREGATOR_USER, local_broker
 from aggregator.privacy import DpSettings
 from aggregator.records import RoundRecord
 from aggregator.server_state import ServerOptimizer
@@ -296,8 +296,8 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
     pool = pool or TrainerPool(config.bundle, cores=config.trainer_cores)
     evaluator = Evaluator(config, pool, central, final, clients, config.out / "metrics.jsonl")
     evaluator.baseline()
-    broker = None if config.broker_url else local_broker(config.out / "broker").start()
-    settings = broker.settings if broker else BrokerSettings.from_url(config.broker_url)
+    broker = None if config.broker_url else local_broker(config.out / "broker", [c.client_id for c in clients]).start()
+    settings = broker.login(AGGREGATOR_USER) if broker else BrokerSettings.from_url(config.broker_url)
     federation = f"sim{config.seed}-{zlib.crc32(str(config.out).encode()):08x}"
     options = AggregatorOptions(
         federation=federation, rounds=config.rounds, state_dir=config.out / "state", fraction=config.fraction,
@@ -314,7 +314,8 @@ def run_simulation(config: SimConfig, pool: TrainerPool | None = None) -> dict:
         tiers = sorted(read_manifest(config.bundle).ranks)
         for index, c in enumerate(clients):
             device = FederatedClient(
-                config.bundle, settings, federation, c.train, client_id=c.client_id, preset=c.preset,
+                config.bundle, broker.login(c.client_id) if broker else settings, federation, c.train,
+                client_id=c.client_id, preset=c.preset,
                 state_dir=config.out / "clients", trainers=pool, available=availability(config, c.client_id),
                 rank=tiers[index % len(tiers)] if config.rank_mix == "round-robin" else None,
             )

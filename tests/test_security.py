@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from edge_sdk.protocol import AdapterHeader, encode_adapter
 from edge_sdk.protocol.transport import BrokerSettings, BrokerUnavailableError, MqttConnection
-from aggregator.broker import Mosquitto, free_port
+from aggregator.broker import AGGREGATOR_USER, TOPIC_ACL, Mosquitto, free_port, local_broker
 from tests.conftest import ROOT
 from tests.federation import ReplayClient, aggregator_thread
 
@@ -113,3 +114,38 @@ def test_aggregator_over_tls_rejects_a_forged_sender_and_accepts_the_real_one(se
     assert "forged sender" in record.rejected_reasons["dev1"]
     assert any("forged sender" in n["reason"] for n in dev1.notices)
     dev1.close()
+
+
+def test_the_local_mosquitto_admits_only_its_devices_and_the_aggregator_under_the_shipped_acl(tmp_path):
+    """The simulator's local broker: anonymous and unknown logins are refused, a device can neither forge another's
+    update nor read it, nor knock the aggregator off by reusing its client id; the rules are the shipped ACL's."""
+    shipped = [line for line in (EXAMPLE / "acl").read_text().splitlines() if line and not line.startswith("#")]
+    assert shipped == [line for line in TOPIC_ACL.splitlines() if line]
+    with local_broker(tmp_path / "broker", ["dev0", "dev1"]) as broker:
+        assert isinstance(broker, Mosquitto) and "allow_anonymous false" in broker.config.read_text()
+        for settings in (broker.settings, replace(broker.login("dev0"), password="guess"),
+                         replace(broker.login("dev0"), username="dev9")):
+            with pytest.raises(BrokerUnavailableError, match="refused"):
+                MqttConnection("intruder", settings, lambda m: None).start(timeout=3)
+        seen, connects, arrived = [], [], threading.Event()
+
+        def record(message) -> None:
+            seen.append(message.topic)
+            if message.topic == "fedpeft/f/clients/dev1/update":
+                arrived.set()
+
+        watcher = MqttConnection("fedpeft-f-aggregator", broker.login(AGGREGATOR_USER), record,
+                                 subscriptions=["fedpeft/#"], on_connect=lambda: connects.append(1)).start(5)
+        snooped: list[str] = []
+        attacker = MqttConnection("fedpeft-f-aggregator", broker.login("dev1"), lambda m: snooped.append(m.topic),
+                                  subscriptions=["fedpeft/f/clients/+/update"]).start(5)
+        time.sleep(0.3)
+        attacker.publish_all([("fedpeft/f/clients/dev0/update", b"forged", False),
+                              ("fedpeft/f/task", b"forged", False)], timeout=5)
+        attacker.publish_all([("fedpeft/f/clients/dev1/update", b"own topic", False)], timeout=5)
+        assert arrived.wait(5), "a device's own update topic stays writable"
+        time.sleep(0.5)
+        assert seen == ["fedpeft/f/clients/dev1/update"] and snooped == [], (seen, snooped)
+        assert watcher.connected and connects == [1], "the aggregator's session was taken over"
+        attacker.stop()
+        watcher.stop()

@@ -93,9 +93,10 @@ def test_bundle_without_a_trainable_head_federates(mosquitto, tmp_path: Path) ->
 
 
 def test_own_text_file_runs_end_to_end_from_the_cli_and_bad_labels_stop_before_training(
-        minilm_bundle, mosquitto, tmp_path: Path) -> None:
-    """A user's JSON-lines file (real reviews written out here) runs as its own data set; a CSV file of the same
-    reviews reads to the same examples; a label the bundle's head has no class for is refused before any round."""
+        minilm_bundle, tmp_path: Path) -> None:
+    """A user's JSON-lines file (real reviews written out here) runs as its own data set, on the simulator's own
+    broker (generated logins); a CSV file of the same reviews reads to the same examples; a label the bundle's
+    head has no class for is refused before any round."""
     from click.testing import CliRunner
 
     from edge_sdk.datasets import read_text_file, rotten_tomatoes
@@ -114,10 +115,10 @@ def test_own_text_file_runs_end_to_end_from_the_cli_and_bad_labels_stop_before_t
 
     out = tmp_path / "run"
     args = ["run", "--bundle", str(minilm_bundle), "--out", str(out), "--clients", "4", "--fraction", "0.5",
-            "--rounds", "2", "--steps", "2", "--eval-samples", "40", "--local-eval-every", "2", "--no-plot",
-            "--broker", mosquitto.url]
+            "--rounds", "2", "--steps", "2", "--eval-samples", "40", "--local-eval-every", "2", "--no-plot"]
     result = CliRunner().invoke(sim_cli, [*args, "--data", str(mine)])
     assert result.exit_code == 0, result.output
+    assert "allow_anonymous false" in (out / "broker" / "mosquitto.conf").read_text(), "its own broker, logins only"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["data"] == str(mine) and summary["rounds"] == 2
     split = json.loads((out / "partition.json").read_text())["clients"]
