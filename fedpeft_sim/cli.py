@@ -24,13 +24,18 @@ from edge_sdk.protocol.manifest import BundleError, read_manifest
 from fedpeft_sim import plots
 from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
 from fedpeft_sim.full_fedavg import run_full_fedavg
-from fedpeft_sim.report import FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle
+from fedpeft_sim.report import (
+    EXPORT_ARGS, FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle,
+)
 from fedpeft_sim.simulation import DATA_SETS, RankMix, SimConfig, run_simulation
 
 DEFAULT_BUNDLE = "runs/bundle"
 RUNNABLE = [name for name, spec in STRATEGIES.items() if spec.device_blocker is None]
 """Strategies the simulated devices can run (the simulation speaks the real protocol)."""
 DEFAULT_IMAGE_BUNDLE = "runs/bundle-fmnist"
+REPORT_BUNDLE = "runs/report-bundles/text"
+REPORT_IMAGE_BUNDLE = "runs/report-bundles/fmnist"
+"""The report's own exports (`EXPORT_ARGS`), apart from the demo's default bundles."""
 
 
 def _data(_ctx, _param, value: str) -> str:
@@ -68,17 +73,15 @@ def _bundle(path: Path, *export_args: str) -> Path:
     return path
 
 
-def _image_bundle(path: Path) -> Path:
-    """The image task's bundle at `path`; the base ViT is pretrained beside it first when missing."""
+def _image_bundle(path: Path, check: bool = False) -> Path:
+    """The image task's bundle at `path`, exported (the base ViT pretrained beside it first) when missing;
+    with `check` (the report's bundle) also when it was exported otherwise than with `EXPORT_ARGS`."""
     base = image_base(path)
-    try:
-        read_manifest(path)
-    except BundleError:
-        if not (base / "config.json").is_file():
-            click.echo(f"pretraining the image base model to {base} (a few minutes) ...")
-            subprocess.run([sys.executable, "-m", "fedpeft_sim.pretrain_vit", "--out", str(base)], check=True)
-        _bundle(path, "--model", str(base), "--task", "img-cls", "--labels", "sandal,shirt,sneaker,bag,ankle boot")
-    return path
+    if not (base / "config.json").is_file():
+        click.echo(f"pretraining the image base model to {base} (a few minutes) ...")
+        subprocess.run([sys.executable, "-m", "fedpeft_sim.pretrain_vit", "--out", str(base)], check=True)
+    args = ("--model", str(base), "--task", "img-cls", "--labels", "sandal,shirt,sneaker,bag,ankle boot")
+    return _report_bundle(path, *args, *EXPORT_ARGS) if check else _bundle(path, *args)
 
 
 def _data_bundle(path: Path | None, data: str, strategy: str) -> Path:
@@ -209,29 +212,54 @@ def rescore(run_dir: Path, bundle: Path | None) -> None:
 
 
 @main.command()
-@click.option("--bundle", default="runs/bundle", show_default=True, type=click.Path(path_type=Path))
+@click.option("--bundle", default=REPORT_BUNDLE, show_default=True, type=click.Path(path_type=Path),
+              help=f"The text grid's bundle (`fedpeft-export {' '.join(EXPORT_ARGS)}`; made when missing).")
 @click.option("--work", default="runs/report", show_default=True, type=click.Path(path_type=Path),
-              help="Where the runs are kept.")
+              help="Where the runs' folders go (checkpoints, globals, logs).")
 @click.option("--docs", default=None, type=click.Path(path_type=Path),
-              help="Report file [default: WORK/results.md; scripts/report.sh writes the repo's docs/results.md].")
+              help="Report file; its run records go to results/runs/ beside it [default: WORK/results.md; "
+                   "scripts/report.sh writes the repo's docs/results.md].")
 @click.option("--quick", is_flag=True, help="A few-minute version of the grid (small pool, few rounds).")
-@click.option("--fresh", is_flag=True, help="Rerun every experiment instead of reusing finished ones.")
-@click.option("--render-only", is_flag=True, help="Write the report from the finished runs; train nothing.")
+@click.option("--only", multiple=True, metavar="PATTERN",
+              help="Train only the runs whose name matches (e.g. 'svd-weighted_alpha1.0_*'; repeatable); "
+                   "the report still shows every recorded run.")
+@click.option("--fresh", is_flag=True, help="Rerun the selected experiments instead of reusing their records.")
+@click.option("--render-only", is_flag=True, help="Write the report from the recorded runs; train nothing.")
 @one_line_errors()
-def report(bundle: Path, work: Path, docs: Path | None, quick: bool, fresh: bool, render_only: bool) -> None:
+def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple[str, ...], fresh: bool,
+           render_only: bool) -> None:
     """Run the experiment grid and write the results report with its figures."""
     plan = QUICK if quick else FULL
     work = work / "quick" if quick else work
     docs = docs or work / "results.md"
-    image = Path(DEFAULT_IMAGE_BUNDLE)
+    image = Path(REPORT_IMAGE_BUNDLE)
     if not render_only:
-        _bundle(bundle)
+        _report_bundle(bundle, *EXPORT_ARGS)
         for row in (r for r in plan.strategies if r in VARIANTS):
-            _bundle(variant_bundle(bundle, row), *VARIANTS[row].export_args)
-        _image_bundle(image)
+            _report_bundle(variant_bundle(bundle, row), *VARIANTS[row].export_args)
+        _image_bundle(image, check=True)
     path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only, image_bundle=image,
-                      image_plan=QUICK_IMAGE if quick else IMAGE)
+                      image_plan=QUICK_IMAGE if quick else IMAGE, only=only)
     click.echo(f"report written to {path}")
+
+
+def _report_bundle(path: Path, *export_args: str) -> Path:
+    """The bundle at `path`, re-exported (with `export_args`) when it is missing or was exported otherwise."""
+    try:
+        manifest = read_manifest(path)
+    except BundleError:
+        return _bundle(path, *export_args)
+    wanted = {"optimizer": _arg(export_args, "--optimizer", "adamw"), "scaling": _arg(export_args, "--scaling", None)}
+    found = {"optimizer": manifest.lora.optimizer, "scaling": manifest.lora.scaling}
+    if found["optimizer"] != wanted["optimizer"] or (found["scaling"] is None) != (wanted["scaling"] is None) or (
+            wanted["scaling"] is not None and float(wanted["scaling"]) != found["scaling"]):
+        click.echo(f"{path} was exported with {found}, the report needs {wanted}: exporting it again ...")
+        subprocess.run([sys.executable, "-m", "export.cli", "--out", str(path), "--force", *export_args], check=True)
+    return path
+
+
+def _arg(args: tuple[str, ...], name: str, default: str | None) -> str | None:
+    return args[args.index(name) + 1] if name in args else default
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The report's figures (matplotlib, PNG): accuracy per round, accuracy vs bytes, accuracy by tier."""
+"""The report's figures (matplotlib, PNG): accuracy per round (one run, or seeds as mean ± std) and
+accuracy vs upload bytes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -17,6 +19,25 @@ def accuracy_per_round(runs: dict[str, list[dict]], title: str, path: Path) -> P
     for label, rows in runs.items():
         scored = [r for r in rows if "central_accuracy" in r]
         axes.plot([r["round"] for r in scored], [r["central_accuracy"] for r in scored], marker="o", ms=3, label=label)
+    axes.set(xlabel="round", ylabel="accuracy on held-out test examples", title=title)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def accuracy_bands(runs: dict[str, list[list[dict]]], title: str, path: Path) -> Path:
+    """Central accuracy vs round per label: the mean over its seeds' runs, with a ± std band, over the rounds
+    every seed scored (the per-round subset, and the final split in the closing window)."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, seeds in runs.items():
+        scored = [{r["round"]: r["central_accuracy"] for r in rows if "central_accuracy" in r} for rows in seeds]
+        rounds = sorted(set.intersection(*(set(s) for s in scored)))
+        values = np.array([[s[t] for t in rounds] for s in scored])
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        line, = axes.plot(rounds, mean, label=f"{label} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        if len(seeds) > 1:
+            axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set(xlabel="round", ylabel="accuracy on held-out test examples", title=title)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
@@ -45,21 +66,6 @@ def accuracy_per_byte(runs: dict[str, list[dict]], title: str, path: Path) -> Pa
     axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
-    return _save(figure, path)
-
-
-def accuracy_by_tier(summaries: dict[str, dict], path: Path) -> Path:
-    """Final local-test accuracy per device tier, grouped bars per labelled run."""
-    tiers = ("low", "mid", "high")
-    figure, axes = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(summaries))
-    for i, (label, summary) in enumerate(summaries.items()):
-        values = [summary["local_accuracy_by_tier"].get(t, 0.0) for t in tiers]
-        axes.bar([k + i * width for k in range(len(tiers))], values, width, label=label)
-    axes.set_xticks([k + width * (len(summaries) - 1) / 2 for k in range(len(tiers))], tiers)
-    axes.set(ylabel="mean local test accuracy", title="Accuracy by device tier (final global at each tier)")
-    axes.set_ylim(0, 1)
-    axes.legend(fontsize=7)
     return _save(figure, path)
 
 

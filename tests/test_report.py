@@ -1,13 +1,23 @@
-"""The report reuses a finished run only when the run was made with the config it would run now."""
+"""The report records its runs, and reuses a record only when the run was made with the config it would run now."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from edge_sdk.protocol import TrainingConfig
-from fedpeft_sim.report import _finished
+from fedpeft_sim import records
+from fedpeft_sim.report import HEADLINE, QUICK, records_folder, run_name, run_report
 from fedpeft_sim.simulation import SimConfig, config_record
+
+
+def _finished(config: SimConfig) -> bool:
+    return records.matches(config.out, config)
 
 
 def _record(config: SimConfig, drop: tuple[str, ...] = (), drop_training: tuple[str, ...] = ()) -> None:
@@ -18,6 +28,7 @@ def _record(config: SimConfig, drop: tuple[str, ...] = (), drop_training: tuple[
         recorded["training"].pop(key)
     config.out.mkdir(parents=True)
     (config.out / "summary.json").write_text(json.dumps({"config": recorded}))
+    (config.out / "metrics.jsonl").write_text("{}\n")
 
 
 def test_fields_added_since_a_run_count_at_their_defaults_nested_ones_too(tmp_path: Path) -> None:
@@ -41,3 +52,44 @@ def test_a_recorded_field_the_config_no_longer_has_blocks_reuse_unless_unset(tmp
     data["config"]["retired_option"] = 3
     summary.write_text(json.dumps(data))
     assert not _finished(config)
+
+
+@pytest.mark.slow
+def test_the_report_records_a_real_run_reuses_its_record_and_renders_the_targets(minilm_bundle, tmp_path: Path) -> None:
+    plan = replace(QUICK, clients=4, fraction=0.5, rounds=2, eval_samples=100, pool_limit=300, strategies=HEADLINE,
+                   partitions=("iid",), dtypes=(), local_eval_every=2, final_window=1)
+    docs, work = tmp_path / "docs" / "results.md", tmp_path / "work"
+    run_report(plan, minilm_bundle, work, docs, only=("svd-weighted_*",))
+    store = records_folder(docs)
+    name = run_name("svd-weighted", "iid")
+    assert sorted(p.name for p in store.iterdir()) == ["centralized.json", name]
+    summary, rows = records.load(store / name)
+    assert summary["rounds"] == 2 and [r["round"] for r in rows] == [0, 1, 2]
+    assert summary["config"]["server_optimizer"]["name"] == "adafactor"
+    assert summary["config"]["server_optimizer"]["horizon"] == 2
+
+    shutil.rmtree(work)
+    stamp = (store / name / "metrics.jsonl").stat().st_mtime_ns
+    started = time.perf_counter()
+    run_report(plan, minilm_bundle, work, docs, only=("svd-weighted_*",))
+    assert time.perf_counter() - started < 20, "the recorded run is reused, not retrained"
+    assert (store / name / "metrics.jsonl").stat().st_mtime_ns == stamp and not (work / name).exists()
+
+    text = docs.read_text()
+    assert "**Partial: 1 of 2 runs recorded" in text
+    assert f"| IID | svd-weighted | 1 | {summary['final_accuracy']:.3f} |" in text
+    assert "| IID | fedavg-naive | 0 | not run |" in text
+    assert "| svd-weighted at IID ≥ 0.81 (mean of 1 seeds) | " in text and "| not measured |" in text
+    written = json.loads((docs.parent / "results" / "summary.json").read_text())["rotten-tomatoes"]
+    assert written["partitions"]["iid"]["svd-weighted"]["per_seed"][0]["final_accuracy"] == summary["final_accuracy"]
+    assert (docs.parent / "results" / "accuracy_iid.png").stat().st_size > 0
+
+
+def test_a_record_matches_wherever_and_however_fast_it_ran_but_not_another_experiment(tmp_path: Path) -> None:
+    config = SimConfig(bundle=Path("runs/bundle"), out=tmp_path / "run", alpha=0.1, rounds=10, trainer_cores=2)
+    _record(config)
+    record = records.keep(config.out, tmp_path / "records")
+    moved = replace(config, bundle=Path("elsewhere/bundle"), out=tmp_path / "other", trainer_cores=None)
+    assert records.matches(record, moved)
+    assert not records.matches(record, replace(config, seed=1))
+    assert not records.matches(tmp_path / "records" / "missing", config)
