@@ -221,8 +221,8 @@ def rescore(run_dir: Path, bundle: Path | None) -> None:
                    "scripts/report.sh writes the repo's docs/results.md].")
 @click.option("--quick", is_flag=True, help="A few-minute version of the grid (small pool, few rounds).")
 @click.option("--only", multiple=True, metavar="PATTERN",
-              help="Train only the runs whose name matches (e.g. 'svd-weighted_alpha1.0_*'; repeatable); "
-                   "the report still shows every recorded run.")
+              help="Train only the runs whose name matches (e.g. 'svd-weighted_alpha1.0_*'; image runs are "
+                   "'fmnist/<name>'; repeatable); the report still shows every recorded run.")
 @click.option("--fresh", is_flag=True, help="Rerun the selected experiments instead of reusing their records.")
 @click.option("--render-only", is_flag=True, help="Write the report from the recorded runs; train nothing.")
 @one_line_errors()
@@ -233,13 +233,17 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
     work = work / "quick" if quick else work
     docs = docs or work / "results.md"
     image = Path(REPORT_IMAGE_BUNDLE)
-    if not render_only:
-        _report_bundle(bundle, *EXPORT_ARGS)
-        for row in (r for r in plan.strategies if r in VARIANTS):
-            _report_bundle(variant_bundle(bundle, row), *VARIANTS[row].export_args)
-        _image_bundle(image, check=True)
+    exports = {bundle: EXPORT_ARGS} | {variant_bundle(bundle, row): VARIANTS[row].export_args
+                                       for row in plan.strategies if row in VARIANTS}
+
+    def prepare(path: Path) -> None:
+        if path == image:
+            _image_bundle(image, check=True)
+        else:
+            _report_bundle(path, *exports[path])
+
     path = run_report(plan, bundle, work, docs, resume=not fresh, run=not render_only, image_bundle=image,
-                      image_plan=QUICK_IMAGE if quick else IMAGE, only=only)
+                      image_plan=QUICK_IMAGE if quick else IMAGE, only=only, prepare=prepare)
     click.echo(f"report written to {path}")
 
 

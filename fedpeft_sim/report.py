@@ -14,13 +14,14 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from aggregator.server_state import OptimizerName, ServerOptimizer
+from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer_pool import TrainerPool
@@ -161,29 +162,34 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
 
 
 def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = True, run: bool = True,
-               image_bundle: Path | None = None, image_plan: Plan = IMAGE, only: Sequence[str] = ()) -> Path:
+               image_bundle: Path | None = None, image_plan: Plan = IMAGE, only: Sequence[str] = (),
+               prepare: Callable[[Path], object] = lambda _bundle: None) -> Path:
     """Run (or reuse) the experiments, then write `docs`, its figures and records; returns the report's path.
 
-    With `image_bundle` the image grid (`image_plan`) runs too, under `work/fmnist`. With `run` False
-    nothing is trained; with `only` (run-name patterns, e.g. "*_alpha0.1_*") only the matching runs are.
-    The report shows every recorded run and marks the others.
+    With `image_bundle` the image grid (`image_plan`) runs too, its runs named "fmnist/<run>". With `run`
+    False nothing is trained; with `only` (patterns on run names, e.g. "*_alpha0.1_*") only the matching
+    runs are. `prepare` is called with each bundle before it is first used (to export it). The report
+    shows every recorded run and marks the others.
     """
     started = time.perf_counter()
     store = records_folder(docs)
-    results, ceiling, planned = _run_grid(plan, bundle, work, store, resume, run, only)
+    selected = only if run else ("",)
+    results, ceiling, planned = _run_grid(plan, bundle, work, store, resume, selected, prepare)
     image = None
-    if image_bundle is not None and (run or (store / IMAGE_WORK / CEILING).exists()):
-        pretraining = image_base(image_bundle) / PRETRAINING_FILE
-        base = json.loads(pretraining.read_text()) if pretraining.is_file() else {}
-        base["parameters"] = read_manifest(image_bundle).base_weights["parameters"]
-        image = (image_plan, *_run_grid(image_plan, image_bundle, work / IMAGE_WORK, store / IMAGE_WORK, resume,
-                                        run, only), base)
+    if image_bundle is not None:
+        image_work, image_store = work / IMAGE_WORK, store / IMAGE_WORK
+        grid = _run_grid(image_plan, image_bundle, image_work, image_store, resume, selected, prepare,
+                         prefix=f"{IMAGE_WORK}/")
+        if grid[1] is not None:
+            image = (image_plan, *grid, json.loads((image_store / IMAGE_BASE).read_text()))
     wall = time.perf_counter() - started
-    how = ("rendering recorded runs only" if not run else "reusing recorded runs" if resume else "rerunning every run")
+    how = ("rendering recorded runs only" if not run else "reusing recorded runs" if resume else "rerunning them")
     return render(plan, results, ceiling, docs, f"{wall / 60:.1f} min, {how}", planned, image)
 
 
 CEILING = "centralized.json"
+IMAGE_BASE = "base.json"
+"""The image grid's record of its pretrained base model (how it was pretrained, its parameter count)."""
 
 
 def records_folder(docs: Path) -> Path:
@@ -191,29 +197,27 @@ def records_folder(docs: Path) -> Path:
     return docs.parent / "results" / "runs"
 
 
-def _run_grid(plan: Plan, bundle: Path, work: Path, store: Path, resume: bool, run: bool,
-              only: Sequence[str]) -> tuple[dict, dict | None, int]:
+def _run_grid(plan: Plan, bundle: Path, work: Path, store: Path, resume: bool, only: Sequence[str],
+              prepare: Callable[[Path], object], prefix: str = "") -> tuple[dict, dict | None, int]:
     """(recorded results by run name, the centralized ceiling, planned run count) of one grid, after
-    training the runs that `run`, `resume` and `only` select."""
-    store.mkdir(parents=True, exist_ok=True)
+    training its runs that `only` selects (all when empty; none when it is ("",)) and, with `resume`,
+    that are not recorded yet. The ceiling is measured with the first run it trains, when missing."""
+    configs = experiments(plan, bundle, work)
+    train = [c for c in configs if (not only or any(fnmatch.fnmatch(prefix + c.out.name, p) for p in only))
+             and not (resume and records.matches(store / c.out.name, c))]
     ceiling_file = store / CEILING
-    if ceiling_file.exists() and (resume or not run):
-        ceiling = json.loads(ceiling_file.read_text())
-    elif run:
+    if train and (not ceiling_file.exists() or not resume):
+        store.mkdir(parents=True, exist_ok=True)
+        prepare(bundle)
         ceiling = centralized(bundle, max(read_manifest(bundle).ranks), plan.centralized_epochs, plan.ceiling_lr,
                               limit=plan.pool_limit, data_set=plan.data)
-        ceiling_file.write_text(json.dumps(ceiling, indent=1) + "\n")
-    else:
-        ceiling = None
-    configs = experiments(plan, bundle, work)
+        write_atomic(ceiling_file, (json.dumps(ceiling, indent=1) + "\n").encode())
+        if plan.data == "fashion-mnist-5-9":
+            write_atomic(store / IMAGE_BASE, (json.dumps(_image_base_record(bundle), indent=1) + "\n").encode())
     pools: dict[Path, TrainerPool] = {}
-    for i, config in enumerate(configs, 1):
-        name = config.out.name
-        if not run or (only and not any(fnmatch.fnmatch(name, p) for p in only)):
-            continue
-        if resume and records.matches(store / name, config):
-            continue
-        log.info("run %d/%d: %s %s", i, len(configs), plan.data, name)
+    for i, config in enumerate(train, 1):
+        log.info("run %d/%d: %s %s", i, len(train), plan.data, config.out.name)
+        prepare(config.bundle)
         if config.strategy == FULL_FEDAVG:
             run_full_fedavg(config)
         else:
@@ -223,7 +227,15 @@ def _run_grid(plan: Plan, bundle: Path, work: Path, store: Path, resume: bool, r
         records.keep(config.out, store)
     results = {c.out.name: records.load(store / c.out.name) for c in configs
                if records.matches(store / c.out.name, c)}
+    ceiling = json.loads(ceiling_file.read_text()) if ceiling_file.exists() else None
     return results, ceiling, len(configs)
+
+
+def _image_base_record(image_bundle: Path) -> dict:
+    """How the image bundle's base model was pretrained, with its parameter count."""
+    pretraining = image_base(image_bundle) / PRETRAINING_FILE
+    base = json.loads(pretraining.read_text()) if pretraining.is_file() else {}
+    return base | {"parameters": read_manifest(image_bundle).base_weights["parameters"]}
 
 
 def upload_ratio(rows: list[dict]) -> float:
