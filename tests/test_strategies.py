@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.bounds import NORM_CAP
 from aggregator.strategies import STRATEGIES, ClientUpdate, LayerSpec, MergeError, get_strategy, linalg
 from aggregator.strategies.linalg import svd_of_product
 
@@ -53,10 +54,10 @@ def tier_delta(result, layers, rank: int, name: str) -> np.ndarray:
 
 
 def exact_svd_weighted(updates, layers, name) -> np.ndarray:
-    """Σ w_i c_i ΔW_i with c_i clipping each ‖ΔW_i‖ to 4 × the low median norm and w_i ∝ n_i‖c_i ΔW_i‖."""
+    """Σ w_i c_i ΔW_i with c_i clipping each ‖ΔW_i‖ to NORM_CAP × the low median norm and w_i ∝ n_i‖c_i ΔW_i‖."""
     d = [delta(u, layers, name) for u in updates]
     norms = np.array([np.linalg.norm(x) for x in d])
-    limit = 4.0 * np.sort(norms)[(len(norms) - 1) // 2]
+    limit = NORM_CAP * np.sort(norms)[(len(norms) - 1) // 2]
     clip = np.minimum(1.0, limit / norms)
     raw = np.array([u.num_samples for u in updates]) * norms * clip
     return sum(w * c * x for w, c, x in zip(raw / raw.sum(), clip, d))
