@@ -74,6 +74,51 @@ def test_factor_merges_bound_a_thousandfold_b_like_the_exact_ones(minilm_bundle:
         assert max(result.weights[layer].values()) <= NORM_CAP / (NORM_CAP + 3) + 1e-9
 
 
+@pytest.mark.slow
+def test_one_attacker_among_ten_moves_the_global_less_than_two_points(minilm_bundle: Path) -> None:
+    """One round from a global that has learned (central steps first) with ten devices training a few steps
+    each. The tenth turns hostile: it claims 10^6 samples, or sends its update ×1000, or trains on flipped
+    labels and sends that ×10. Each time svd-weighted's merged global stays within 2 points of the round in
+    which the tenth device was honest (the same 400 held-out reviews)."""
+    from edge_sdk.data import Example, stratified_split
+    from edge_sdk.datasets import rotten_tomatoes
+    from edge_sdk.trainer import Trainer
+
+    manifest = read_manifest(minilm_bundle)
+    pool, test = stratified_split(rotten_tomatoes(), test_fraction=0.2, seed=0)
+    test = test[:400]
+    trainer = Trainer(minilm_bundle, 8, threads=2)
+    trainer.fit(pool[2000:3600], steps=80, batch_size=16, lr=4e-3, seed=0)
+    before, start = trainer.evaluate(test).accuracy, trainer.state()
+
+    def local(shard: list[Example], seed: int) -> Adapter:
+        trainer.load_state(start)
+        trainer.reset_optimizer()
+        trainer.fit(shard, steps=4, batch_size=16, lr=2e-3, seed=seed)
+        return trainer.get_adapter()
+
+    def correct(attack: tuple[Adapter, int]) -> int:
+        updates = {f"dev{i}": (AdapterHeader("f", 1, f"dev{i}", 8, 128), a) for i, a in enumerate(honest)}
+        updates["mallory"] = (AdapterHeader("f", 1, "mallory", 8, attack[1]), attack[0])
+        tiers, _ = merge_round("svd-weighted", updates, manifest)
+        trainer.load_state(start)
+        trainer.set_adapter(tiers[8])
+        return round(trainer.evaluate(test).accuracy * len(test))
+
+    def scaled(adapter: Adapter, factor: float) -> Adapter:
+        return Adapter(adapter.rank, {k: (a, b * factor) for k, (a, b) in adapter.lora.items()}, adapter.head)
+
+    shards = [pool[i * 128:(i + 1) * 128] for i in range(10)]
+    honest = [local(shard, i) for i, shard in enumerate(shards[:9])]
+    mallory, flipped = local(shards[9], 9), local([Example(e.x, 1 - e.label) for e in shards[9]], 9)
+    clean = correct((mallory, 128))
+    assert before >= 0.7 and clean >= 0.7 * len(test), (before, clean)
+    attacks = {"10^6 samples": (mallory, 10**6), "update ×1000": (scaled(mallory, 1000.0), 128),
+               "flipped labels ×10": (scaled(flipped, 10.0), 128)}
+    lost = {name: (clean - correct(attack)) / len(test) for name, attack in attacks.items()}
+    assert all(points <= 0.02 for points in lost.values()), (clean / len(test), lost)
+
+
 @pytest.mark.parametrize("factor", [1000.0, -1000.0])
 def test_trimmed_mean_keeps_every_entry_within_the_honest_range(minilm_bundle: Path, trained_adapters, factor) -> None:
     """One of five devices sends an honest update ×1000 (or flipped ×−1000): trimmed-mean drops it from every
