@@ -25,7 +25,8 @@ from fedpeft_sim import plots
 from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
 from fedpeft_sim.full_fedavg import run_full_fedavg
 from fedpeft_sim.report import (
-    EXPORT_ARGS, FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, image_base, run_report, variant_bundle,
+    EXPORT_ARGS, FULL, IMAGE, QUICK, QUICK_IMAGE, VARIANTS, ceiling_bundle, image_base, run_report,
+    variant_bundle,
 )
 from fedpeft_sim.simulation import DATA_SETS, RankMix, SimConfig, run_simulation
 
@@ -73,15 +74,15 @@ def _bundle(path: Path, *export_args: str) -> Path:
     return path
 
 
-def _image_bundle(path: Path, check: bool = False) -> Path:
+def _image_bundle(path: Path, export_args: tuple[str, ...] | None = None) -> Path:
     """The image task's bundle at `path`, exported (the base ViT pretrained beside it first) when missing;
-    with `check` (the report's bundle) also when it was exported otherwise than with `EXPORT_ARGS`."""
+    with `export_args` (the report's bundles) also when it was exported otherwise."""
     base = image_base(path)
     if not (base / "config.json").is_file():
         click.echo(f"pretraining the image base model to {base} (a few minutes) ...")
         subprocess.run([sys.executable, "-m", "fedpeft_sim.pretrain_vit", "--out", str(base)], check=True)
     args = ("--model", str(base), "--task", "img-cls", "--labels", "sandal,shirt,sneaker,bag,ankle boot")
-    return _report_bundle(path, *args, *EXPORT_ARGS) if check else _bundle(path, *args)
+    return _bundle(path, *args) if export_args is None else _report_bundle(path, *args, *export_args)
 
 
 def _data_bundle(path: Path | None, data: str, strategy: str) -> Path:
@@ -233,12 +234,12 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
     work = work / "quick" if quick else work
     docs = docs or work / "results.md"
     image = Path(REPORT_IMAGE_BUNDLE)
-    exports = {bundle: EXPORT_ARGS} | {variant_bundle(bundle, row): VARIANTS[row].export_args
-                                       for row in plan.strategies if row in VARIANTS}
+    exports = {bundle: EXPORT_ARGS, ceiling_bundle(bundle): ()} | {
+        variant_bundle(bundle, row): VARIANTS[row].export_args for row in plan.strategies if row in VARIANTS}
 
     def prepare(path: Path) -> None:
-        if path == image:
-            _image_bundle(image, check=True)
+        if path in (image, ceiling_bundle(image)):
+            _image_bundle(path, EXPORT_ARGS if path == image else ())
         else:
             _report_bundle(path, *exports[path])
 
