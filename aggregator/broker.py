@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from edge_sdk.files import write_atomic
 from edge_sdk.protocol.transport import BrokerSettings
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -110,12 +111,14 @@ class Mosquitto:
                  devices: Sequence[str] | None = None) -> None:
         """`config` replaces the generated settings (the port is then the caller's business). With `devices`,
         only they and the aggregator log in, each with a generated password, under `TOPIC_ACL`."""
+        if config is not None and devices is not None:
+            raise ValueError("Give either config (your own settings, logins included) or devices (generated logins).")
         self.folder, self.port = folder, port or free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.passwords: dict[str, str] = {}
         user = "user root\n" if os.geteuid() == 0 else ""
         access = "allow_anonymous true\n"
-        if devices is not None and config is None:
+        if devices is not None:
             access = self._write_logins([AGGREGATOR_USER, *devices])
         self.config = folder / "mosquitto.conf"
         self.config.write_text(user + (config or (
@@ -152,9 +155,7 @@ class Mosquitto:
                                "(scripts/system-packages.sh does).")
         self.passwords = {user: secrets.token_urlsafe(18) for user in users}
         passwords, acl = self.folder.resolve() / "passwords", self.folder.resolve() / "acl"
-        fd = os.open(passwords, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.writelines(f"{user}:{password}\n" for user, password in self.passwords.items())
+        write_atomic(passwords, "".join(f"{user}:{password}\n" for user, password in self.passwords.items()).encode())
         subprocess.run([MOSQUITTO_PASSWD, "-U", str(passwords)], check=True, capture_output=True)
         acl.write_text(TOPIC_ACL)
         return (f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write `data` to a temp file beside `path`, fsync it, and rename it over `path`."""
+    """Write `data` to a temp file beside `path`, fsync it, and rename it over `path`. The file is readable by
+    its owner only (mkstemp's mode 0600), so it also serves for secrets."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)

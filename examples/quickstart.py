@@ -10,7 +10,6 @@ held-out reviews at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import click
 from aggregator.broker import AGGREGATOR_USER, EmbeddedBroker, Mosquitto, local_broker
 from edge_sdk.data import Example, stratified_split
 from edge_sdk.datasets import rotten_tomatoes, shard
+from edge_sdk.files import write_atomic
 from edge_sdk.protocol import decode_adapter
 from edge_sdk.protocol.manifest import BundleError, read_manifest
 from edge_sdk.trainer import Trainer
@@ -91,9 +91,7 @@ def _login(broker: Mosquitto | EmbeddedBroker, user: str, folder: Path) -> list[
         return args
     secret = folder / "logins" / user
     secret.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(settings.password + "\n")
+    write_atomic(secret, (settings.password + "\n").encode())
     return [*args, "--username", user, "--password-file", str(secret)]
 
 
