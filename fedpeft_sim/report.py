@@ -75,19 +75,53 @@ class Plan:
     size_skew: float = 0.0
     dropout: float = 0.0
     tier_mix: dict[str, float] = field(default_factory=lambda: {"low": 1.0, "mid": 1.0, "high": 1.0})
+    ablations: tuple[str, ...] = ()
+    """Names of `ABLATIONS` run on the default at α=0.1, seed 0."""
     data: str = "rotten-tomatoes"
     ceiling_lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One change to the default (svd-weighted at α=0.1, seed 0): what it turns on or off, and how."""
+
+    what: str
+    change: Callable[[SimConfig], SimConfig]
+
+
+def _local_steps(steps: int) -> Callable[[SimConfig], SimConfig]:
+    """`steps` local steps a round over proportionally fewer rounds: the same total client compute."""
+    def change(config: SimConfig) -> SimConfig:
+        rounds = config.rounds * config.training.steps // steps
+        return replace(config, rounds=rounds, training=replace(config.training, steps=steps),
+                       server_optimizer=replace(config.server_optimizer, horizon=rounds))
+    return change
+
+
+ABLATIONS = {
+    "no-server-opt": Ablation("no server optimizer: each round's merge replaces the global",
+                              lambda c: replace(c, server_optimizer=None)),
+    "no-norm-factor": Ablation("weights n_i instead of n_i·‖ΔW_i‖ (flexlora's merge, svd-weighted's server step)",
+                               lambda c: replace(c, strategy="flexlora")),
+    "logit-adjustment": Ablation("logit-adjusted local cross-entropy, τ = 1",
+                                 lambda c: replace(c, training=replace(c.training, logit_adjustment=1.0))),
+    "closed-form-head": Ablation("head solved on the server from the devices' feature statistics",
+                                 lambda c: replace(c, training=replace(c.training, feature_statistics=True))),
+    "steps-5": Ablation("5 local steps a round, over 2/5 of the rounds", _local_steps(5)),
+    "steps-10": Ablation("10 local steps a round, over 1/5 of the rounds", _local_steps(10)),
+}
+"""The ablation rows of the report, each one change to the default configuration."""
 
 
 TRAINING = TrainingConfig(steps=2, batch_size=16, lr=0.05, schedule="constant")
 FULL = Plan(clients=100, fraction=0.1, rounds=300, eval_samples=300, pool_limit=None,
             strategies=("svd-weighted", "fedavg-naive", "flexlora", "hetlora", "ffa-lora", "full-fedavg"),
             partitions=("alpha0.1", "alpha1.0", "iid"), seeds=(0, 1, 2), dtypes=("int8",),
-            centralized_epochs=1, training=TRAINING)
+            centralized_epochs=1, training=TRAINING, ablations=tuple(ABLATIONS))
 QUICK = replace(FULL, clients=20, fraction=0.2, rounds=3, eval_samples=200, pool_limit=2000,
                 strategies=("svd-weighted", "fedavg-naive"), partitions=("alpha0.1", "iid"), seeds=(0,),
-                eval_every=1, local_eval_every=3, final_window=2)
-IMAGE = replace(FULL, strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora"), dtypes=(),
+                eval_every=1, local_eval_every=3, final_window=2, ablations=())
+IMAGE = replace(FULL, strategies=("svd-weighted", "fedavg-naive", "hetlora", "flexlora"), dtypes=(), ablations=(),
                 data="fashion-mnist-5-9", ceiling_lr=3e-3)
 """The image task at the text grid's scale (ffa-lora, full-model FedAvg and the dtypes are measured on text only)."""
 QUICK_IMAGE = replace(QUICK, data="fashion-mnist-5-9", ceiling_lr=3e-3, dtypes=())
@@ -150,7 +184,7 @@ def server_optimizer(plan: Plan, strategy: str) -> ServerOptimizer | None:
 
 def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
     """The grid in the order it runs: the headline pair over every partition and seed (α=0.1 first), the
-    other strategies at seed 0, then the codec dtypes of the default at α=0.1."""
+    other strategies at seed 0, the codec dtypes of the default at α=0.1, then its ablations."""
     base = SimConfig(bundle=bundle, out=work, data=plan.data, clients=plan.clients, fraction=plan.fraction,
                      rounds=plan.rounds, size_skew=plan.size_skew, tier_mix=plan.tier_mix, dropout=plan.dropout,
                      training=plan.training, eval_samples=plan.eval_samples, eval_every=plan.eval_every,
@@ -171,7 +205,10 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
     headline = [s for s in plan.strategies if s in HEADLINE]
     runs = [config(s, part, seed) for part in plan.partitions for seed in plan.seeds for s in headline]
     runs += [config(s, part) for s in plan.strategies if s not in HEADLINE for part in plan.partitions]
-    return runs + [config("svd-weighted", "alpha0.1", dtype=dtype) for dtype in plan.dtypes]
+    runs += [config("svd-weighted", "alpha0.1", dtype=dtype) for dtype in plan.dtypes]
+    default = config("svd-weighted", "alpha0.1")
+    return runs + [replace(ABLATIONS[name].change(default), out=work / run_name(f"ablation-{name}", "alpha0.1"))
+                   for name in plan.ablations]
 
 
 def run_report(plan: Plan, bundle: Path, work: Path, docs: Path, resume: bool = True, run: bool = True,
@@ -267,6 +304,7 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     lines += _targets(plan, results, ceiling, image)
     lines += _grid(plan, results)
     lines += _dtypes(plan, results)
+    lines += _ablations(plan, results)
     lines += _figures(plan, results, figures, docs.parent)
     if image is not None:
         lines += _image_section(*image, figures, docs.parent)
@@ -424,9 +462,8 @@ def _grid(plan: Plan, results: dict, heading: str = "## Every strategy (float32,
                 lines.append(f"| {strategy} | {PARTITION_NAMES[part]} | not run | | | | | | | | |")
                 continue
             s, rows = results[key]
-            auc = "–" if s.get("final_roc_auc") is None else f"{s['final_roc_auc']:.3f}"
             lines.append(
-                f"| {strategy} | {PARTITION_NAMES[part]} | {s['final_accuracy']:.3f} | {auc} | "
+                f"| {strategy} | {PARTITION_NAMES[part]} | {s['final_accuracy']:.3f} | {_auc(s)} | "
                 f"{s['accuracy_last10_mean']:.3f} | {100 * s['accuracy_last10_spread']:.1f} pts | {_reach(s)} | "
                 f"{s['worst_client_accuracy']:.2f} | {s['bytes_up'] / 1e6:.0f} MB | {upload_ratio(rows):.3%} | "
                 f"{s['wall_seconds'] / 60:.0f} min |")
@@ -446,6 +483,34 @@ def _dtypes(plan: Plan, results: dict) -> list[str]:
         lines.append(f"| {dtype} | {s['final_accuracy']:.3f} | {s['bytes_up_per_round'] / 1e3:.0f} KB | "
                      f"{upload_ratio(rows):.3%} |")
     return lines + [""]
+
+
+def _ablations(plan: Plan, results: dict) -> list[str]:
+    """Each ablation against the default it changes (svd-weighted, α=0.1, seed 0)."""
+    if not plan.ablations:
+        return []
+    default = results.get(run_name("svd-weighted", "alpha0.1"))
+    lines = ["## Ablations (svd-weighted, α=0.1, seed 0)", "",
+             f"| change | rounds | final acc | vs default | final AUC | last-{plan.final_window} spread | "
+             f"rounds to {TARGET_ACCURACY} |", "|---|---:|---:|---:|---:|---:|---:|",
+             "| none (the default) | " + (" | ".join([str(default[0]["rounds"]), f"{default[0]['final_accuracy']:.3f}",
+                                                      "", _auc(default[0]),
+                                                      f"{100 * default[0]['accuracy_last10_spread']:.1f} pts",
+                                                      _reach(default[0])]) + " |" if default else "not run | | | | | |")]
+    for name in plan.ablations:
+        record = results.get(run_name(f"ablation-{name}", "alpha0.1"))
+        if record is None:
+            lines.append(f"| {ABLATIONS[name].what} | not run | | | | | |")
+            continue
+        s = record[0]
+        gap = f"{100 * (s['final_accuracy'] - default[0]['final_accuracy']):+.1f} pts" if default else "–"
+        lines.append(f"| {ABLATIONS[name].what} | {s['rounds']} | {s['final_accuracy']:.3f} | {gap} | {_auc(s)} | "
+                     f"{100 * s['accuracy_last10_spread']:.1f} pts | {_reach(s)} |")
+    return lines + ["", "The local-steps rows keep the total client compute: rounds × steps as in the default.", ""]
+
+
+def _auc(summary: dict) -> str:
+    return "–" if summary.get("final_roc_auc") is None else f"{summary['final_roc_auc']:.3f}"
 
 
 MINIMUMS = {"alpha0.1": 0.79, "alpha1.0": 0.80, "iid": 0.81}
