@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from aggregator.cli_options import (
-    head_options, privacy_options, privacy_settings, server_optimizer, server_optimizer_options,
+    head_options, local_work, privacy_options, privacy_settings, server_optimizer, server_optimizer_options,
 )
 from aggregator.round_merge import SAMPLE_CAP, check_strategy
 from aggregator.service import Aggregator, AggregatorOptions
@@ -46,10 +46,11 @@ from edge_sdk.protocol.transport import BrokerUnavailableError
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append one JSON line of metrics per round.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Local steps per round [default: epochs].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Local steps per round [default: 2 for an SGD bundle, else --epochs].")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=None, help="Local learning rate [default: 0.05 for an SGD bundle, 1e-3 for AdamW].")
 @click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
 @click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -71,7 +72,7 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
          embedded_port: int, federation: str, rounds: int, clients_per_round: int | None, fraction: float | None,
          min_clients: int, min_online: int | None, round_timeout: float, strategy: str, state_dir: Path,
          metrics_file: Path | None, seed: int,
-         steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float, logit_adjustment: float,
+         steps: int | None, epochs: int, batch_size: int, lr: float | None, proximal_mu: float, logit_adjustment: float,
          closed_form_head: bool, statistics_rounds: int | None, dp_clip: float | None, dp_noise: float | None,
          dp_delta: float | None,
          sample_cap: float, server_opt: str, server_lr: float, server_head_lr: float | None, server_beta1: float,
@@ -82,13 +83,15 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     if clients_per_round and fraction:
         raise click.UsageError("Give --clients-per-round or --fraction, not both.")
+    manifest = read_manifest(bundle)
     try:
-        check_strategy(strategy, read_manifest(bundle))
+        check_strategy(strategy, manifest)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--strategy") from err
+    steps, lr = local_work(manifest.lora.optimizer, steps, lr)
     try:
         m_max, c_max, d_max = (float(x) for x in normalizers.split(","))
-        policy = RankPolicy.balanced(r_max or max(read_manifest(bundle).ranks), m_max * 2**20, c_max, d_max)
+        policy = RankPolicy.balanced(r_max or max(manifest.ranks), m_max * 2**20, c_max, d_max)
     except ValueError as err:
         raise click.BadParameter(f"{err} (give three positive numbers, e.g. 4096,4.0,1000)",
                                  param_hint="--normalizers") from err
@@ -102,8 +105,8 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
         rank_policy=policy, head=head, dtype=dtype,
         chunk_size=chunk_size, metrics_file=metrics_file, sample_cap=sample_cap,
         privacy=privacy_settings(strategy, dp_clip, dp_noise, dp_delta),
-        server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps,
-                                          server_schedule, server_lr_floor, rounds),
+        server_optimizer=server_optimizer(server_opt, strategy, server_lr, server_head_lr, server_beta1, server_beta2,
+                                          server_eps, server_schedule, server_lr_floor, rounds),
     )
     embedded = None
     if broker_url == "embedded":

@@ -28,13 +28,12 @@ from typing import Literal
 import numpy as np
 from safetensors.numpy import load, load_file, save
 
-from aggregator.strategies.base import LayerSpec, SvdFactors
+from aggregator.strategies.base import LayerSpec, OptimizerName, SvdFactors
 from aggregator.strategies.linalg import default_backend, svd_by_gram, svd_of_product
 from edge_sdk.protocol import Adapter, Manifest
 from edge_sdk.protocol.adapter import adapter_from_parameters
 
 StateForm = Literal["exact", "factors"]
-OptimizerName = Literal["sgd", "adam", "yogi", "adafactor"]
 Schedule = Literal["constant", "cosine"]
 HEAD = "head::"
 KEPT_COMPONENTS = 64

@@ -67,7 +67,8 @@ def _federate(bundle: Path, folder: Path, rounds: int, local_steps: int) -> None
         aggregator = _spawn([sys.executable, "-m", "aggregator.cli", *_login(broker, AGGREGATOR_USER, folder),
                              "--federation", "demo", "--rounds", str(rounds),
                              "--clients-per-round", str(len(DEVICES)), "--min-clients", str(len(DEVICES)),
-                             "--steps", str(local_steps), "--lr", "3e-3", "--normalizers", "2048,0.1,300",
+                             "--steps", str(local_steps), "--lr", "3e-3", "--server-opt", "none",
+                             "--normalizers", "2048,0.1,300",
                              "--bundle", str(bundle), "--state-dir", str(state),
                              "--metrics", str(state / "metrics.jsonl")], logs / "aggregator.log")
         devices = []

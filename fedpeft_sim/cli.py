@@ -12,7 +12,7 @@ from typing import get_args
 import click
 
 from aggregator.cli_options import (
-    head_options, privacy_options, privacy_settings, server_optimizer, server_optimizer_options,
+    head_options, local_work, privacy_options, privacy_settings, server_optimizer, server_optimizer_options,
 )
 from aggregator.strategies import DEFAULT_STRATEGY, STRATEGIES
 from edge_sdk.cli_options import CONTEXT_SETTINGS, one_line_errors, version_option
@@ -30,13 +30,11 @@ from fedpeft_sim.report import (
 )
 from fedpeft_sim.simulation import DATA_SETS, RankMix, SimConfig, run_simulation
 
-DEFAULT_BUNDLE = "runs/bundle"
 RUNNABLE = [name for name, spec in STRATEGIES.items() if spec.device_blocker is None]
 """Strategies the simulated devices can run (the simulation speaks the real protocol)."""
-DEFAULT_IMAGE_BUNDLE = "runs/bundle-fmnist"
-REPORT_BUNDLE = "runs/report-bundles/text"
-REPORT_IMAGE_BUNDLE = "runs/report-bundles/fmnist"
-"""The report's own exports (`EXPORT_ARGS`), apart from the demo's default bundles."""
+DEFAULT_BUNDLE = "runs/bundles/text"
+DEFAULT_IMAGE_BUNDLE = "runs/bundles/fmnist"
+"""The simulator's and the report's exports (`fedpeft-export` with `EXPORT_ARGS`), made on first use."""
 
 
 def _data(_ctx, _param, value: str) -> str:
@@ -86,13 +84,15 @@ def _image_bundle(path: Path, export_args: tuple[str, ...] | None = None) -> Pat
 
 
 def _data_bundle(path: Path | None, data: str, strategy: str) -> Path:
-    """The bundle for `data`: `path` when given, else the default text or image bundle (made when missing);
-    a strategy with its own export (ffa-lora, full-fedavg) gets that variant beside the default text bundle."""
+    """The bundle for `data`: `path` when given, else the default text or image export (`EXPORT_ARGS`, made when
+    missing); a strategy with its own export (ffa-lora, full-fedavg) gets that variant beside the default."""
     if data == "fashion-mnist-5-9":
-        return _image_bundle(path or Path(DEFAULT_IMAGE_BUNDLE))
-    if path is None and strategy in VARIANTS:
-        return _bundle(variant_bundle(Path(DEFAULT_BUNDLE), strategy), *VARIANTS[strategy].export_args)
-    return _bundle(path or Path(DEFAULT_BUNDLE))
+        return _image_bundle(path) if path else _image_bundle(Path(DEFAULT_IMAGE_BUNDLE), EXPORT_ARGS)
+    if path is not None:
+        return _bundle(path)
+    if strategy in VARIANTS:
+        return _report_bundle(variant_bundle(Path(DEFAULT_BUNDLE), strategy), *VARIANTS[strategy].export_args)
+    return _report_bundle(Path(DEFAULT_BUNDLE), *EXPORT_ARGS)
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -119,20 +119,22 @@ def main(verbose: bool) -> None:
               show_default=True, help=f"A merge strategy, or {FULL_FEDAVG} (full fine-tuning, in process).")
 @click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True)
-@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--alpha", default="iid", show_default=True, callback=_alpha, help="Dirichlet α or 'iid'.")
 @click.option("--size-skew", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="σ of log-normal client sizes (0: equal).")
 @click.option("--tiers", default="low=1,mid=1,high=1", show_default=True, callback=_mix, help="Device preset mix.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--rank-mix", type=click.Choice(get_args(RankMix)), default="policy", show_default=True,
+@click.option("--rank-mix", type=click.Choice(get_args(RankMix)), default="round-robin", show_default=True,
               help="Tiers from the rank formula over each device's measured profile (the mix follows the host's "
                    "load), or client i at the i-th tier in turn (an equal, fixed mix for comparisons).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Local steps per round [default: epochs].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Local steps per round [default: 2 for an SGD bundle, else --epochs].")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Local learning rate.")
+@click.option("--lr", type=float, default=None,
+              help="Local learning rate [default: 0.05 for an SGD bundle, 1e-3 for AdamW].")
 @click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="FedProx's μ for local training; > 0 needs a bundle exported with --proximal.")
 @click.option("--logit-adjustment", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -141,15 +143,15 @@ def main(verbose: bool) -> None:
 @privacy_options
 @server_optimizer_options
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
-@click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--eval-samples", type=click.IntRange(min=1), default=300, show_default=True,
               help="Central test examples scored per round (--final-samples in the closing window).")
 @click.option("--final-samples", type=click.IntRange(min=1), default=None,
               help="Central test examples scored in each round of --final-window [default: the whole split].")
-@click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=1), default=5, show_default=True,
               help="Score the global on the central subset every this many rounds (and after the last).")
 @click.option("--final-window", type=click.IntRange(min=1), default=10, show_default=True,
               help="Score each of the last this many rounds on the final examples (the end-of-run spread).")
-@click.option("--local-eval-every", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--local-eval-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--pool-limit", type=click.IntRange(min=10), default=None, help="Use only this many training examples.")
 @click.option("--trainer-cores", type=click.IntRange(min=1), default=None,
               help="Cores the devices train on at once [default: all]; 1 reproduces a run bit for bit.")
@@ -159,7 +161,7 @@ def main(verbose: bool) -> None:
 def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         fraction: float, rounds: int, alpha: float | None, size_skew: float, tiers: dict[str, float], dropout: float,
         rank_mix: RankMix,
-        seed: int, steps: int | None, epochs: int, batch_size: int, lr: float, proximal_mu: float,
+        seed: int, steps: int | None, epochs: int, batch_size: int, lr: float | None, proximal_mu: float,
         logit_adjustment: float, closed_form_head: bool, statistics_rounds: int | None, dp_clip: float | None,
         dp_noise: float | None, dp_delta: float | None, server_opt: str, server_lr: float,
         server_head_lr: float | None, server_beta1: float, server_beta2: float, server_eps: float,
@@ -167,14 +169,16 @@ def run(bundle: Path | None, data: str, out: Path, strategy: str, clients: int,
         dtype: str, eval_samples: int, final_samples: int | None, eval_every: int, final_window: int,
         local_eval_every: int, pool_limit: int | None, trainer_cores: int | None, broker: str | None, plot: bool) -> None:
     """Run one federation; metrics per round in OUT/metrics.jsonl."""
+    bundle = _data_bundle(bundle, data, strategy)
+    steps, lr = local_work(read_manifest(bundle).lora.optimizer, steps, lr)
     config = SimConfig(
-        bundle=_data_bundle(bundle, data, strategy), data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
+        bundle=bundle, data=data, out=out, strategy=strategy, clients=clients, fraction=fraction,
         rounds=rounds, alpha=alpha, size_skew=size_skew, tier_mix=tiers, dropout=dropout, seed=seed, rank_mix=rank_mix,
         training=TrainingConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                                 proximal_mu=proximal_mu, logit_adjustment=logit_adjustment,
                                 feature_statistics=closed_form_head, statistics_rounds=statistics_rounds), dtype=dtype,
-        server_optimizer=server_optimizer(server_opt, server_lr, server_head_lr, server_beta1, server_beta2, server_eps,
-                                          server_schedule, server_lr_floor, rounds),
+        server_optimizer=server_optimizer(server_opt, strategy, server_lr, server_head_lr, server_beta1, server_beta2,
+                                          server_eps, server_schedule, server_lr_floor, rounds),
         privacy=privacy_settings(strategy, dp_clip, dp_noise, dp_delta),
         eval_samples=eval_samples, final_samples=final_samples, eval_every=eval_every, final_window=final_window,
         local_eval_every=local_eval_every, pool_limit=pool_limit,
@@ -213,7 +217,7 @@ def rescore(run_dir: Path, bundle: Path | None) -> None:
 
 
 @main.command()
-@click.option("--bundle", default=REPORT_BUNDLE, show_default=True, type=click.Path(path_type=Path),
+@click.option("--bundle", default=DEFAULT_BUNDLE, show_default=True, type=click.Path(path_type=Path),
               help=f"The text grid's bundle (`fedpeft-export {' '.join(EXPORT_ARGS)}`; made when missing).")
 @click.option("--work", default="runs/report", show_default=True, type=click.Path(path_type=Path),
               help="Where the runs' folders go (checkpoints, globals, logs).")
@@ -233,7 +237,7 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
     plan = QUICK if quick else FULL
     work = work / "quick" if quick else work
     docs = docs or work / "results.md"
-    image = Path(REPORT_IMAGE_BUNDLE)
+    image = Path(DEFAULT_IMAGE_BUNDLE)
     exports = {bundle: EXPORT_ARGS, ceiling_bundle(bundle): ()} | {
         variant_bundle(bundle, row): VARIANTS[row].export_args for row in plan.strategies if row in VARIANTS}
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.server_state import OptimizerName, ServerOptimizer
+from aggregator.server_state import ServerOptimizer
+from aggregator.strategies import STRATEGIES
 from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.manifest import read_manifest
@@ -40,9 +41,6 @@ EXPORT_ARGS = ("--optimizer", "sgd", "--scaling", "2")
 """How the report's bundles are exported: plain SGD steps on the device (no optimizer state to reset
 each round) and one LoRA scaling for every tier, so a rank-2 and a rank-16 update move ΔW alike."""
 SERVER_LR = 1e-3
-SERVER_OPTIMIZERS: dict[str, OptimizerName] = {"svd-weighted": "adafactor"}
-"""The server optimizer of each strategy (others: Adam). Adafactor's factored second moment keeps the
-step of a merged ΔW at the merge's rank; Adam's per-entry one does not (experiments.md, stop 23)."""
 FULL_FINETUNE_LR = 1e-4
 """Local lr of the full-model FedAvg rows (AdamW on every weight; full fine-tuning wants a far smaller lr)."""
 FFA_LORA_LR_FACTOR = 5.0
@@ -168,17 +166,23 @@ def ceiling_bundle(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + CEILING_SUFFIX)
 
 
+def _strategy(row: str) -> str:
+    """The strategy a report row runs."""
+    return VARIANTS[row].strategy if row in VARIANTS else row
+
+
 def variant_bundle(bundle: Path, row: str) -> Path:
     """The bundle a report row runs on: `bundle`, or its variant export beside it (see VARIANTS)."""
     return bundle.with_name(bundle.name + VARIANTS[row].suffix) if row in VARIANTS else bundle
 
 
 def server_optimizer(plan: Plan, strategy: str) -> ServerOptimizer | None:
-    """The server step of `strategy` in `plan`: its optimizer at SERVER_LR, cosine-annealed over the rounds
-    to `plan.server_lr_floor` of it (none for full-model FedAvg, which averages weights in process)."""
+    """The server step of `strategy` in `plan`: the strategy's registered optimizer at SERVER_LR, cosine-annealed
+    over the rounds to `plan.server_lr_floor` of it (`fedpeft-aggregator --server-opt auto`); none for
+    full-model FedAvg, which averages weights in process."""
     if strategy == FULL_FEDAVG:
         return None
-    return ServerOptimizer(SERVER_OPTIMIZERS.get(strategy, "adam"), lr=SERVER_LR, schedule="cosine",
+    return ServerOptimizer(STRATEGIES[strategy].server_optimizer, lr=SERVER_LR, schedule="cosine",
                            horizon=plan.rounds, lr_floor=plan.server_lr_floor)
 
 
@@ -199,7 +203,7 @@ def experiments(plan: Plan, bundle: Path, work: Path) -> list[SimConfig]:
             training = replace(training, lr=variant.lr or training.lr * variant.lr_factor)
         return replace(base, strategy=variant.strategy if variant else strategy, alpha=PARTITIONS[part], seed=seed,
                        dtype=dtype, bundle=variant_bundle(bundle, strategy), training=training,
-                       server_optimizer=server_optimizer(plan, strategy),
+                       server_optimizer=server_optimizer(plan, _strategy(strategy)),
                        out=work / run_name(strategy, part, dtype, seed))
 
     headline = [s for s in plan.strategies if s in HEADLINE]
@@ -356,8 +360,8 @@ def _preamble(plan: Plan, results: dict, ceiling: dict | None, invocation: str, 
         "one scaling for every tier) with the shared head trained.",
         f"- Server: the merged update is a pseudo-gradient for a server optimizer at lr {SERVER_LR}, cosine-annealed "
         f"to {plan.server_lr_floor:g}× by the last round: "
-        + ", ".join(f"{name} for {strategy}" for strategy, name in SERVER_OPTIMIZERS.items())
-        + ", Adam for the others.",
+        + ", ".join(sorted({f"{STRATEGIES[_strategy(r)].server_optimizer} for {r}" for r in plan.strategies
+                            if r != FULL_FEDAVG})) + ".",
         "- Everything runs for real: the aggregator service, the SDK clients, onnxruntime-training, the "
         "strategies, and the MQTT protocol over a local mosquitto (amqtt where it is missing). Bytes are the "
         "encoded payloads the aggregator accepted; '% of full FedAvg' compares them with what the same "

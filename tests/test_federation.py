@@ -56,7 +56,7 @@ def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bu
     aggregator = start_aggregator(
         minilm_bundle, mosquitto.url, state, logs[0], "--federation", "e2e", "--rounds", "3",
         "--clients-per-round", "5", "--min-clients", "5", "--round-timeout", "300", "--steps", "10", "--lr", "6e-3",
-        "--normalizers", "2048,0.1,50",
+        "--normalizers", "2048,0.1,50", "--server-opt", "none",
     )
     presets = ["low", "low", "mid", "high", "high"]
     clients = [start_client(minilm_bundle, mosquitto.url, "e2e", shards[i], f"dev{i}", tmp_path / "clients", logs[i + 1],
@@ -81,7 +81,7 @@ def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bu
     assert peft_config["r"] == 8
 
 
-@pytest.mark.parametrize("server", [(), ("--server-opt", "adam", "--server-lr", "1e-3", "--strategy", "svd-weighted",
+@pytest.mark.parametrize("server", [("--server-opt", "none"), ("--server-opt", "adam", "--server-lr", "1e-3", "--strategy", "svd-weighted",
                                          "--server-schedule", "cosine", "--server-lr-floor", "0.1",
                                          "--closed-form-head", "--statistics-rounds", "1"),
                                     ("--strategy", "dp-fedavg", "--server-opt", "sgd", "--server-lr", "1",

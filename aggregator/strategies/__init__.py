@@ -20,19 +20,20 @@ from aggregator.strategies.trimmed_mean import trimmed_mean
 
 STRATEGIES: dict[str, StrategySpec] = {
     "svd-weighted": StrategySpec(svd_weighted, "exact merge weighted by n_i·‖ΔW_i‖_F, best rank-r per tier",
-                                 state="exact"),
+                                 state="exact", server_optimizer="adafactor"),
     "fedavg-naive": StrategySpec(fedavg_naive, "A and B averaged separately (zero-padded), the inexact baseline",
                                  state="factors"),
     "hetlora": StrategySpec(hetlora, "zero-padded average weighted by ‖B_i A_i‖_F", state="factors"),
     "flexlora": StrategySpec(flexlora, "exact merge weighted by n_i, best rank-r per tier", state="exact"),
     "flora": StrategySpec(flora, "stacked factors folded into the base each round",
                           device_blocker="FLoRA folds each round into the frozen base weights, which a device "
-                                         "cannot change"),
+                                         "cannot change", server_optimizer=None),
     "ffa-lora": StrategySpec(ffa_lora, "A frozen and shared, B averaged", frozen_a=True, state="factors"),
     "trimmed-mean": StrategySpec(trimmed_mean, "coordinate-wise trimmed mean of the clients' ΔW_i (robust to a few "
                                  "hostile devices), best rank-r per tier", state="exact"),
     "dp-fedavg": StrategySpec(dp_fedavg, "client-level differential privacy: each whole update clipped, the sum "
-                              "noised, best rank-r per tier", state="exact", private=True),
+                              "noised, best rank-r per tier", state="exact", private=True,
+                              server_optimizer=None),
 }
 DEFAULT_STRATEGY = "svd-weighted"
 

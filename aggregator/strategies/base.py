@@ -12,6 +12,10 @@ Factors = tuple[np.ndarray, np.ndarray]
 """One LoRA pair (A: r × in, B: out × r); ΔW = (alpha / r) · B @ A."""
 
 
+OptimizerName = Literal["sgd", "adam", "yogi", "adafactor"]
+"""The server optimizers (`aggregator.server_state.ServerOptimizer`)."""
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """Shape and LoRA alpha of one adapted layer, as the bundle manifest describes it."""
@@ -99,6 +103,9 @@ class StrategySpec:
     state: Literal["exact", "factors"] | None = None
     """The form of the global it keeps when the server holds the state and steps it with a server optimizer
     (`aggregator.server_state`): ΔW_g itself, or top-rank factors; None: it cannot."""
+    server_optimizer: OptimizerName | None = "adam"
+    """The server optimizer `--server-opt auto` steps it with (svd-weighted's Adafactor and the others' Adam
+    are what converged at α=0.1, docs/results.md); None: it needs an explicit choice or none."""
     private: bool = False
     """Differentially private: merges the head with the adapter, needs the privacy settings (clip, noise) and
     the server state, and takes no feature statistics (they would leave the devices in the clear)."""
