@@ -24,7 +24,7 @@ The norm is the server's own ‖ΔW_i‖_F, but the device chooses ΔW_i: an hon
 otherwise take ~99% of svd-weighted's n·‖ΔW‖ weights. svd-weighted counts the norm twice (in the weight
 and in ΔW_i itself), so a cap of c lets a bounded update move ΔW_g like c² median devices: one round of 9
 honest devices and one sending label-flipped LoRA ×10 ended at 0.600 accuracy with c = 4, 0.774 with c = 2,
-against 0.788 clean (docs/experiments.md, stop 33). Honest outliers exist too (stop 18, α=0.1: one device's
+against 0.792 when the tenth device is honest (benchmarks/bench_attacks.py, docs/experiments.md stop 33). Honest outliers exist too (stop 18, α=0.1: one device's
 update at 33× the round's median); they count as 2× the median."""
 
 
