@@ -9,6 +9,10 @@ several invocations on different machines and every figure of the report stays t
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import time
 from pathlib import Path
 
 from edge_sdk.files import write_atomic
@@ -22,12 +26,35 @@ within onnxruntime's dropout-seed reproducibility of ~1e-4.)"""
 
 
 def keep(run: Path, records: Path) -> Path:
-    """Copy the finished run folder `run`'s result files to `records/<run name>/` (atomically); returns it."""
+    """Copy the finished run folder `run`'s result files to `records/<run name>/` (atomically), with the
+    provenance of the code that made it; returns the record."""
     target = records / run.name
     target.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
         write_atomic(target / name, (run / name).read_bytes())
+    write_atomic(target / PROVENANCE, (json.dumps(provenance(), indent=1) + "\n").encode())
     return target
+
+
+PROVENANCE = "provenance.json"
+
+
+def provenance() -> dict:
+    """The commit of the code running now (and whether its tree has changes), the machine and the time: what a
+    config cannot say about a run (constants such as the norm cap live in the code)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "modified": None if status is None else bool(status),
+            "machine": platform.machine(), "cores": os.cpu_count(),
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def matches(record: Path, config: SimConfig) -> bool:

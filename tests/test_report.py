@@ -74,6 +74,8 @@ def test_the_report_records_a_real_run_reuses_its_record_and_renders_the_targets
     assert summary["rounds"] == 2 and [r["round"] for r in rows] == [0, 1, 2]
     assert summary["config"]["server_optimizer"]["name"] == "adafactor"
     assert summary["config"]["server_optimizer"]["horizon"] == 2
+    made_by = json.loads((store / name / "provenance.json").read_text())
+    assert len(made_by["commit"]) == 40 and made_by["cores"] >= 1
 
     shutil.rmtree(work)
     stamp = (store / name / "metrics.jsonl").stat().st_mtime_ns
