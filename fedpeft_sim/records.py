@@ -1,8 +1,8 @@
 """The report's run records: each finished run's summary.json and metrics.jsonl, kept beside the report.
 
 A simulation's folder holds checkpoints, globals and logs (hundreds of MB) and lives under `runs/`,
-which is not versioned. Its two small result files are copied to the records folder
-(`docs/results/runs/<run name>/` for the full report), so a grid that takes many hours can be filled by
+which is not versioned. Its two small result files, with the provenance of the code that made them, are
+copied to the records folder (`docs/results/runs/<run name>/` for the full report), so a grid that takes many hours can be filled by
 several invocations on different machines and every figure of the report stays traceable to a run.
 """
 
@@ -19,6 +19,7 @@ from edge_sdk.files import write_atomic
 from fedpeft_sim.simulation import SimConfig, config_record
 
 RUN_FILES = ("summary.json", "metrics.jsonl")
+PROVENANCE = "provenance.json"
 PLACE_FIELDS = ("out", "bundle", "trainer_cores", "broker_url")
 """Config fields that say where and how fast a run ran, not what it measured: ignored when matching a record.
 (The report's bundle is always its own export with fixed arguments; `trainer_cores` changes the run only
@@ -34,9 +35,6 @@ def keep(run: Path, records: Path) -> Path:
         write_atomic(target / name, (run / name).read_bytes())
     write_atomic(target / PROVENANCE, (json.dumps(provenance(), indent=1) + "\n").encode())
     return target
-
-
-PROVENANCE = "provenance.json"
 
 
 def provenance() -> dict:
