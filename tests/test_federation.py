@@ -85,7 +85,8 @@ def test_five_clients_three_rounds_mixed_tiers_beat_the_zero_shot_head(minilm_bu
                                          "--server-schedule", "cosine", "--server-lr-floor", "0.1",
                                          "--closed-form-head", "--statistics-rounds", "1"),
                                     ("--strategy", "dp-fedavg", "--server-opt", "sgd", "--server-lr", "1",
-                                     "--server-beta1", "0", "--dp-clip", "0.5", "--dp-noise", "0.3")],
+                                     "--server-beta1", "0", "--server-schedule", "constant", "--dp-clip", "0.5",
+                                     "--dp-noise", "0.3")],
                          ids=["replace-merge", "server-adam-closed-form-head", "dp-fedavg"])
 def test_kill_9_of_the_aggregator_mid_round_loses_nothing_and_matches_an_uninterrupted_run(
         minilm_bundle, mosquitto, tmp_path, server):
@@ -217,7 +218,7 @@ def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundl
     state = tmp_path / "state"
     logs = [tmp_path / "aggregator.log", *(tmp_path / f"client{i}.log" for i in range(5))]
     aggregator = start_aggregator(
-        minilm_bundle, mosquitto.url, state, logs[0], "--federation", "vanish", "--rounds", "3",
+        minilm_bundle, mosquitto.url, state, logs[0], "--federation", "vanish", "--rounds", "5",
         "--clients-per-round", "5", "--min-clients", "3", "--min-online", "5", "--round-timeout", "90", "--steps", "12",
     )
     start = lambda i: start_client(minilm_bundle, mosquitto.url, "vanish", shards[i], f"dev{i}", tmp_path / "c",  # noqa: E731
@@ -237,8 +238,9 @@ def test_two_vanished_clients_are_dropouts_at_once_then_one_rejoins(minilm_bundl
     clients[3] = start(3)
     finish([aggregator, *clients[:4]], 600, logs)
     rounds = read_metrics(state)
-    assert len(rounds) == 3
-    assert "dev3" in rounds[1]["participants"] + rounds[2]["participants"], [r["participants"] for r in rounds]
+    assert len(rounds) == 5
+    assert "dev3" in sum((r["participants"] for r in rounds[1:]), []), "the restarted device (~12 s to profile and " \
+        "rejoin) takes part in a later round: " + str([r["participants"] for r in rounds])
 
 
 def test_broker_restart_mid_round_everyone_reconnects_and_the_round_completes(minilm_bundle, mosquitto, tmp_path):
