@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.cli_options import SERVER_LR_FLOOR
 from aggregator.server_state import ServerOptimizer
 from aggregator.strategies import STRATEGIES
 from edge_sdk.files import write_atomic
@@ -69,7 +70,7 @@ class Plan:
     final_samples: int | None = None
     """Central test examples scored in each round of the closing window (None: the whole split)."""
     rank_mix: RankMix = "round-robin"
-    server_lr_floor: float = 0.1
+    server_lr_floor: float = SERVER_LR_FLOOR
     size_skew: float = 0.0
     dropout: float = 0.0
     tier_mix: dict[str, float] = field(default_factory=lambda: {"low": 1.0, "mid": 1.0, "high": 1.0})
