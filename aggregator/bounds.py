@@ -1,4 +1,4 @@
-"""Bounds on what devices send: sample counts and update norms weigh at most a cap × the round's median."""
+"""Bounds on what devices send: sample counts, update norms and merge shares at most a cap × the round's median."""
 
 from __future__ import annotations
 
@@ -34,3 +34,19 @@ def norm_clip(norms: np.ndarray, cap: float = NORM_CAP) -> np.ndarray:
     norms = np.asarray(norms, dtype=np.float64)
     limit = cap * np.sort(norms, axis=-1)[..., (norms.shape[-1] - 1) // 2][..., None]
     return np.where((norms > limit) & (limit > 0), limit / np.where(norms > 0, norms, 1.0), 1.0)
+
+
+SHARE_CAP = 2.0
+"""A client's share of a merge is at most this many times the round's low median share. The sample and
+norm caps compound in svd-weighted's n·‖ΔW‖ weights: one device that claimed 10^6 samples and sent
+label-flipped LoRA ×10 took 8/17 of the weight under the two caps alone (accuracy 0.792 → 0.704,
+docs/experiments.md stop 33). With this cap one device of k holds at most 2 / (k + 1) of any merge."""
+
+
+def capped_shares(weights: np.ndarray, cap: float = SHARE_CAP) -> np.ndarray:
+    """`weights` (rows summing to 1 along the last axis) with each entry clipped to `cap` × its row's low
+    median, the rows summed to 1 again (rows whose low median is 0 are left as they are)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    limit = cap * np.sort(weights, axis=-1)[..., (weights.shape[-1] - 1) // 2][..., None]
+    clipped = np.where(limit > 0, np.minimum(weights, limit), weights)
+    return clipped / clipped.sum(axis=-1, keepdims=True)

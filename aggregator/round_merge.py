@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator.bounds import SAMPLE_CAP, bounded_counts
+from aggregator.bounds import SAMPLE_CAP, bounded_counts, capped_shares, norm_clip
 from aggregator.closed_form import solved_head
 from aggregator.privacy import KEY, LEDGER, DpSettings, Sampling, noise_generator
 from aggregator.server_state import HEAD, ServerOptimizer, ServerState, step, tier_adapters
@@ -59,15 +59,25 @@ def merge_round(
 
 
 def _average_heads(heads: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
-    """FedAvg of the (sample count, head) pairs that carry a head; empty when the head stays local."""
+    """FedAvg of the (sample count, head) pairs that carry a head, no share above `bounds.SHARE_CAP` × the
+    low median share; empty when the head stays local."""
     with_head = [(n, head) for n, head in heads if head]
     if not with_head:
         return {}
-    total = float(sum(n for n, _ in with_head))
+    counts = np.array([n for n, _ in with_head], dtype=np.float64)
+    shares = capped_shares(counts / counts.sum())
     return {
-        name: sum((n / total) * head[name].astype(np.float64) for n, head in with_head).astype(np.float32)
+        name: sum(w * head[name].astype(np.float64) for w, (_, head) in zip(shares, with_head)).astype(np.float32)
         for name in with_head[0][1]
     }
+
+
+def _clipped_head_updates(updates: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Each head update (all head tensors together) scaled down to at most `bounds.NORM_CAP` × the round's
+    low median norm: the device chooses its head as freely as its LoRA factors."""
+    norms = np.array([np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in u.values()))
+                      for u in updates])
+    return [{k: (c * v).astype(np.float32) for k, v in u.items()} for c, u in zip(norm_clip(norms), updates)]
 
 
 def merge_with_server(
@@ -80,7 +90,8 @@ def merge_with_server(
 
     `sent` holds the tier adapters the clients started from (the previous round's globals); the
     strategy merges each client's update against them, and the head's pseudo-gradient is the
-    sample-weighted mean of the head updates (counts bounded as in `merge_round`). Where the updates
+    sample-weighted mean of the head updates (counts bounded as in `merge_round`, each update's norm clipped
+    like the adapters'). Where the updates
     carry feature statistics, the head is instead solved in closed form from them (`closed_form`),
     pooled over rounds in the state; with `closed_form` and none sent (the rounds after
     `TrainingConfig.statistics_rounds`) the head stays as solved last. A private strategy (dp-fedavg)
@@ -120,8 +131,8 @@ def merge_with_server(
         grads.update({HEAD + name: value for name, value in result.head.items()})
     elif not statistics and not closed_form:
         reference = sent[max(manifest.ranks)].head
-        heads = _average_heads([(n, {k: v - reference[k] for k, v in a.head.items()})
-                                for n, (_, a) in zip(counts, ordered)])
+        changes = _clipped_head_updates([{k: v - reference[k] for k, v in a.head.items()} for _, a in ordered])
+        heads = _average_heads(list(zip(counts, changes)))
         grads.update({HEAD + name: value for name, value in heads.items()})
     new_state = step(state, grads, optimizer)
     if spec.private:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.bounds import NORM_CAP
+from aggregator.bounds import NORM_CAP, SHARE_CAP, capped_shares
 from aggregator.round_merge import SAMPLE_CAP, bounded_counts, merge_round
 from edge_sdk.protocol import Adapter, AdapterHeader
 from edge_sdk.protocol.manifest import read_manifest
@@ -20,8 +20,15 @@ def test_counts_are_clipped_to_the_cap_times_the_low_median() -> None:
     assert bounded_counts([]) == []
 
 
+def test_shares_are_clipped_to_the_cap_times_the_low_median_and_sum_to_one() -> None:
+    np.testing.assert_allclose(capped_shares(np.array([0.1, 0.1, 0.1, 0.7])), [0.2, 0.2, 0.2, 0.4])
+    np.testing.assert_allclose(capped_shares(np.array([0.3, 0.3, 0.4])), [0.3, 0.3, 0.4])
+    rows = capped_shares(np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
+    np.testing.assert_allclose(rows, [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]), "a zero median leaves the row"
+
+
 def test_a_device_claiming_a_million_samples_weighs_as_the_cap_allows(minilm_bundle: Path, trained_adapters) -> None:
-    """Its weight share falls from 99.9% to cap / (cap + k − 1) of every layer and of the head."""
+    """Its weight share falls from 99.9% to at most SHARE_CAP / (SHARE_CAP + k − 1) of every layer and of the head."""
     manifest = read_manifest(minilm_bundle)
     honest, hostile = trained_adapters["r8-0"], trained_adapters["r8-1"]
 
@@ -32,7 +39,7 @@ def test_a_device_claiming_a_million_samples_weighs_as_the_cap_allows(minilm_bun
 
     (tiers, result), (capped_tiers, capped) = merged(10**6), merged(int(SAMPLE_CAP * 100))
     share = max(w["mallory"] for w in result.weights.values())
-    assert share < 0.75, share
+    assert share <= SHARE_CAP / (SHARE_CAP + 3) + 1e-9, share
     for layer, weights in result.weights.items():
         assert weights == capped.weights[layer]
     for name, value in tiers[8].head.items():
@@ -78,8 +85,8 @@ def test_factor_merges_bound_a_thousandfold_b_like_the_exact_ones(minilm_bundle:
 def test_one_attacker_among_ten_moves_the_global_less_than_two_points(minilm_bundle: Path) -> None:
     """One round from a global that has learned (central steps first) with ten devices training a few steps
     each. The tenth turns hostile: it claims 10^6 samples, or sends its update ×1000, or trains on flipped
-    labels and sends that ×10. Each time svd-weighted's merged global stays within 2 points of the round in
-    which the tenth device was honest (the same 400 held-out reviews)."""
+    labels and sends that ×10, or does both. Each time svd-weighted's merged global stays within 2 points of
+    the round in which the tenth device was honest (the same 400 held-out reviews)."""
     from edge_sdk.data import Example, stratified_split
     from edge_sdk.datasets import rotten_tomatoes
     from edge_sdk.trainer import Trainer
@@ -114,7 +121,8 @@ def test_one_attacker_among_ten_moves_the_global_less_than_two_points(minilm_bun
     clean = correct((mallory, 128))
     assert before >= 0.7 and clean >= 0.7 * len(test), (before, clean)
     attacks = {"10^6 samples": (mallory, 10**6), "update ×1000": (scaled(mallory, 1000.0), 128),
-               "flipped labels ×10": (scaled(flipped, 10.0), 128)}
+               "flipped labels ×10": (scaled(flipped, 10.0), 128),
+               "flipped labels ×10, 10^6 samples": (scaled(flipped, 10.0), 10**6)}
     lost = {name: (clean - correct(attack)) / len(test) for name, attack in attacks.items()}
     assert all(points <= 0.02 for points in lost.values()), (clean / len(test), lost)
 

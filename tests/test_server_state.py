@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aggregator.bounds import NORM_CAP, SHARE_CAP
 from aggregator.round_merge import merge_with_server
 from aggregator.server_state import ServerOptimizer, ServerState, initial_state, step, tier_adapters
 from aggregator.strategies import LayerSpec
@@ -132,6 +133,27 @@ def test_one_client_with_a_unit_sgd_step_adds_exactly_its_update(strategy: str) 
     restored = ServerState.from_bytes(new.to_bytes(), form)
     assert restored.step == new.step and restored.params.keys() == new.params.keys()
     assert all(np.array_equal(restored.params[k], v) for k, v in new.params.items())
+
+
+def test_a_hostile_head_update_counts_as_the_norm_and_share_caps_allow() -> None:
+    """Three devices move the head by +1; the fourth claims 10^6 samples and moves it by +1000. Its change is
+    clipped to NORM_CAP × the median (+2) and its share to SHARE_CAP × the median share (2/5): a unit step
+    moves the head by 3/5 · 1 + 2/5 · 2 = 1.4, not by ~1000."""
+    rng = np.random.default_rng(3)
+    start = _start(rng)
+    state = initial_state(start, LAYERS, "exact")
+    filler = {n: a for n, (a, _) in start.lora.items()}
+    sent, _ = tier_adapters(state, LAYERS, RANKS, filler)
+    lora = {n: (a.copy(), b + 0.1) for n, (a, b) in sent[2].lora.items()}
+    updates = {f"c{i}": (AdapterHeader("f", 1, f"c{i}", 2, 30), Adapter(2, lora, {k: v + 1.0 for k, v in sent[2].head.items()}))
+               for i in range(3)}
+    updates["mallory"] = (AdapterHeader("f", 1, "mallory", 2, 10**6),
+                          Adapter(2, lora, {k: v + 1000.0 for k, v in sent[2].head.items()}))
+    assert NORM_CAP == 2.0 and SHARE_CAP == 2.0
+    tiers, _, _ = merge_with_server("svd-weighted", updates, sent, state, ServerOptimizer("sgd", lr=1.0, beta1=0.0),
+                                    _Manifest(), filler)
+    for value in tiers[4].head.values():
+        np.testing.assert_allclose(value, 1.4, rtol=1e-6)
 
 
 def test_a_low_tier_client_does_not_pull_the_global_to_its_truncation() -> None:

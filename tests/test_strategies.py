@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.bounds import NORM_CAP
+from aggregator.bounds import NORM_CAP, SHARE_CAP
 from aggregator.strategies import STRATEGIES, ClientUpdate, LayerSpec, MergeError, get_strategy, linalg
 from aggregator.strategies.linalg import svd_of_product
 
@@ -54,13 +54,15 @@ def tier_delta(result, layers, rank: int, name: str) -> np.ndarray:
 
 
 def exact_svd_weighted(updates, layers, name) -> np.ndarray:
-    """Σ w_i c_i ΔW_i with c_i clipping each ‖ΔW_i‖ to NORM_CAP × the low median norm and w_i ∝ n_i‖c_i ΔW_i‖."""
+    """Σ w_i c_i ΔW_i with c_i clipping each ‖ΔW_i‖ to NORM_CAP × the low median norm and w_i ∝ n_i‖c_i ΔW_i‖,
+    each w_i at most SHARE_CAP × the low median share before the shares are summed to 1 again."""
     d = [delta(u, layers, name) for u in updates]
     norms = np.array([np.linalg.norm(x) for x in d])
     limit = NORM_CAP * np.sort(norms)[(len(norms) - 1) // 2]
     clip = np.minimum(1.0, limit / norms)
     raw = np.array([u.num_samples for u in updates]) * norms * clip
-    return sum(w * c * x for w, c, x in zip(raw / raw.sum(), clip, d))
+    shares = np.minimum(raw / raw.sum(), SHARE_CAP * np.sort(raw / raw.sum())[(len(raw) - 1) // 2])
+    return sum(w * c * x for w, c, x in zip(shares / shares.sum(), clip, d))
 
 
 def truncate(matrix: np.ndarray, rank: int) -> np.ndarray:
@@ -235,13 +237,13 @@ def test_ffa_lora_averages_b_under_a_shared_a_and_rejects_a_changed_a() -> None:
     layers = make_layers(count=1)
     shared_a = rng.standard_normal((8, 7))
     ups = [ClientUpdate(c, r, n, {"l0": (shared_a[:r], rng.standard_normal((12, r)))})
-           for c, r, n in (("a", 8, 10), ("b", 4, 30))]
+           for c, r, n in (("a", 8, 10), ("b", 4, 15))]
     rogue = ClientUpdate("z", 4, 5, {"l0": (rng.standard_normal((4, 7)), rng.standard_normal((12, 4)))})
     result = get_strategy("ffa-lora")([*ups, rogue], layers, (4, 8))
     assert "shared frozen A" in result.rejected["z"]
     b_expected = np.zeros((12, 8))
-    b_expected[:, :8] += 0.25 * ups[0].factors["l0"][1]
-    b_expected[:, :4] += 0.75 * ups[1].factors["l0"][1]
+    b_expected[:, :8] += 0.4 * ups[0].factors["l0"][1]
+    b_expected[:, :4] += 0.6 * ups[1].factors["l0"][1]
     np.testing.assert_allclose(result.tiers[8]["l0"][1], b_expected)
     np.testing.assert_allclose(result.tiers[8]["l0"][0], shared_a)
 

@@ -11,7 +11,7 @@ from itertools import groupby
 
 import numpy as np
 
-from aggregator.bounds import norm_clip
+from aggregator.bounds import capped_shares, norm_clip
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult, SvdFactors
 from aggregator.strategies.linalg import product_norms, redistribute, svd_of_product
 from aggregator.strategies.validate import accepted_or_raise
@@ -30,7 +30,8 @@ def merge_exact(
     """Validate, weight and merge; each tier gets the best rank-r factors of ΔW_g.
 
     Each update is first scaled down to at most `bounds.NORM_CAP` × its layer's low median norm
-    (`norm_clip`); the weights see the clipped norms.
+    (`norm_clip`); the weights see the clipped norms, and no share exceeds `bounds.SHARE_CAP` × the
+    layer's low median share (`capped_shares`).
     """
     accepted, rejected, n = accepted_or_raise(updates, layers, ranks, order=lambda u: u.rank)
     client_ranks = np.array([u.rank for u in accepted])
@@ -42,7 +43,7 @@ def merge_exact(
         scales = np.array([layers[group[0]].scaling(int(r)) for r in client_ranks])
         norms = _norms(pt, q, widths, scales)
         clip = norm_clip(norms)
-        w = weight_fn(n, norms * clip)
+        w = capped_shares(weight_fn(n, norms * clip))
         pt *= np.repeat(w * scales * clip, widths, axis=1)[:, :, None].astype(pt.dtype)
         for name, row, factors in zip(group, w, svd_of_product(np.swapaxes(pt, 1, 2), q, global_rank)):
             global_state[name] = factors

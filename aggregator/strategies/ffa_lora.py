@@ -3,7 +3,8 @@
 With A shared, Σ w_i B_i A = (Σ w_i B_i) A is exact and linear in the uploads, which is what lets it
 compose with secure aggregation. Heterogeneous ranks share the first r rows of one A. A client whose
 A differs from the shared one broke the protocol and is rejected. Each B_i (or its update) is first
-scaled down to at most `bounds.NORM_CAP` × the layer's low median norm.
+scaled down to at most `bounds.NORM_CAP` × the layer's low median norm, and no share exceeds
+`bounds.SHARE_CAP` × the low median share.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from aggregator.bounds import norm_clip
+from aggregator.bounds import capped_shares, norm_clip
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.linalg import svd_of_product
 from aggregator.strategies.validate import accepted_or_raise
@@ -33,7 +34,7 @@ def ffa_lora(updates: Sequence[ClientUpdate], layers: Mapping[str, LayerSpec], r
             rejected[u.client_id] = "A differs from the federation's shared frozen A (ffa-lora trains B only)"
     top = reference.rank
     n = np.array([u.num_samples for u in kept], dtype=np.float64)
-    w = n / n.sum()
+    w = capped_shares(n / n.sum())
     tiers: dict[int, dict] = {r: {} for r in sorted(set(ranks))}
     global_state, weights = {}, {}
     for name, spec in layers.items():

@@ -2,7 +2,8 @@
 
 This is inexact by construction: mean(B)·mean(A) ≠ mean(B·A) (the cross terms B_i A_j remain).
 Each client's A and B (or their updates) are first scaled down to at most `bounds.NORM_CAP` × the
-layer's low median norm, as the exact merges do with ΔW_i.
+layer's low median norm, as the exact merges do with ΔW_i, and no share exceeds `bounds.SHARE_CAP` × the
+low median share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from aggregator.bounds import norm_clip
+from aggregator.bounds import capped_shares, norm_clip
 from aggregator.strategies.base import ClientUpdate, LayerSpec, MergeResult
 from aggregator.strategies.linalg import product_norms, svd_of_product
 from aggregator.strategies.validate import accepted_or_raise
@@ -44,7 +45,7 @@ def merge_padded(
         b_pad *= norm_clip(np.linalg.norm(b_pad, axis=(1, 2)))[:, None, None]
         norms = np.array([product_norms(1.0, b[None], a[None])[0] for a, b in (u.factors[name] for u in accepted)])
         norms *= norm_clip(norms)
-        w = weight_fn(n, norms)
+        w = capped_shares(weight_fn(n, norms))
         a_g = np.tensordot(w, a_pad, axes=1)
         b_g = np.tensordot(w, b_pad, axes=1)
         dtype = accepted[0].factors[name][0].dtype
