@@ -117,6 +117,11 @@ class Tier:
     trainable_count: int
     lora_pairs: list[LoraPair]
     parity_max_abs_diff: float | None
+    portable_model: str | None = None
+    """The loss-and-gradients graph in standard ONNX operators (`export/portable.py`), for devices without
+    onnxruntime-training; None in bundles exported before it existed."""
+    portable_max_rel_diff: float | None = None
+    """The largest relative difference of its gradients from onnxruntime-training's, measured at export."""
 
     @classmethod
     def from_dict(cls, data: dict) -> Tier:
