@@ -30,6 +30,24 @@ class OpenedTier:
     state: CheckpointState
     module: Module
     embeddings: EmbeddingRows | None = None
+    backend = "ort-training"
+
+    def train_mode(self) -> None:
+        self.module.train()
+
+    def eval_mode(self) -> None:
+        self.module.eval()
+
+    def step(self, optimizer: Optimizer) -> None:
+        """Apply the accumulated gradients and clear them for the next batch."""
+        optimizer.step()
+        self.module.lazy_reset_grad()
+
+    def write(self, values: Mapping[str, np.ndarray]) -> None:
+        """Overwrite parameters by name in the checkpoint state."""
+        for name, param in self.state.parameters:
+            if name in values:
+                param.data = np.ascontiguousarray(values[name], dtype=np.float32)
 
     def path(self, name: str) -> Path:
         """A file of this tier."""

@@ -8,7 +8,6 @@ SGD), so a tier trains the same way on either path.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +17,9 @@ import numpy as np
 from safetensors import safe_open
 
 from edge_sdk.embeddings import EmbeddingRows
+from edge_sdk.files import sha256_file
 from edge_sdk.protocol.manifest import PROXIMAL_MU_INPUT, BundleError, Manifest, Tier, anchor_input, read_manifest
-
-def plain_onnxruntime():
-    """onnxruntime, imported without the training package's torch probes where the training build is installed."""
-    try:
-        from edge_sdk.ort_training import ort
-        return ort
-    except ImportError:
-        return importlib.import_module("onnxruntime")
-
+from edge_sdk.runtime import onnxruntime
 
 @dataclass
 class AdamW:
@@ -82,8 +74,10 @@ class PortableTier:
     """One tier of a bundle opened for training with plain onnxruntime: its portable and eval graphs,
     every parameter as a numpy array, the gradients of the last training call."""
 
-    def __init__(self, bundle: str | Path, rank: int, threads: int | None = None) -> None:
-        ort = plain_onnxruntime()
+    backend = "portable"
+
+    def __init__(self, bundle: str | Path, rank: int, threads: int | None = None, verify: bool = True) -> None:
+        ort = onnxruntime()
         self.root = Path(bundle)
         self.manifest: Manifest = read_manifest(self.root)
         self.tier: Tier = self.manifest.tier(rank)
@@ -92,6 +86,10 @@ class PortableTier:
                               "fedpeft-export to train without onnxruntime-training.")
         tier_dir = self.root / self.tier.dir
         base = self.root / self.manifest.base_weights["file"]
+        if not base.is_file():
+            raise BundleError(f"Bundle is incomplete: {base.name} is missing. Re-export it.")
+        if verify and sha256_file(base) != self.manifest.base_weights["sha256"]:
+            raise BundleError(f"{base} does not match the manifest's SHA-256: the bundle is corrupt. Re-export it.")
         self.params = _parameters(self.tier, base, tier_dir / self.tier.trainable_init)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -114,9 +112,25 @@ class PortableTier:
         with_features: bool = False,
     ) -> list[np.ndarray]:
         """As `OpenedTier.run`: (loss, logits[, features]); in train mode the gradients land in `grads`."""
+        named = self.named_inputs(inputs, labels, proximal_mu, anchors)
+        session = self.train_session if self.mode == "train" else self.eval_session
+        outputs = session.run(None, {i.name: named[i.name] for i in session.get_inputs()})
+        if self.mode == "train":
+            count = len(self.tier.trainable)
+            self.grads = dict(zip(self.tier.trainable, outputs[-count:]))
+        return list(outputs[:3] if with_features else outputs[:2])
+
+    def named_inputs(
+        self, inputs: Sequence[np.ndarray], labels: np.ndarray, proximal_mu: float = 0.0,
+        anchors: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Every input the graphs may take by name: the batch (`inputs` in the manifest's order, token rows
+        gathered where the bundle has an embedding lookup), the labels, FedProx's μ and anchors (default:
+        the current values), and the parameters."""
         if proximal_mu and not self.manifest.lora.proximal:
             raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
-        named = {spec.name: x for spec, x in zip(self.manifest.inputs, inputs)}
+        named = dict(self.params)
+        named.update((spec.name, x) for spec, x in zip(self.manifest.inputs, inputs))
         named[self.manifest.label_input.name] = labels
         lookup = self.manifest.embedding_lookup
         if lookup and self.embeddings is not None:
@@ -125,16 +139,33 @@ class PortableTier:
             anchors = anchors if anchors is not None else {n: self.params[n] for n in self.tier.trainable}
             named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
             named.update((anchor_input(n), anchors[n]) for n in self.tier.trainable)
-        session = self.train_session if self.mode == "train" else self.eval_session
-        feeds = {i.name: named[i.name] if i.name in named else self.params[i.name] for i in session.get_inputs()}
-        outputs = session.run(None, feeds)
-        if self.mode == "train":
-            count = len(self.tier.trainable)
-            self.grads = dict(zip(self.tier.trainable, outputs[-count:]))
-        return list(outputs[:3] if with_features else outputs[:2])
+        return named
 
     def new_optimizer(self) -> AdamW | Sgd:
+        """A fresh optimizer of the bundle's kind (AdamW: zero moments, step 0)."""
         return Sgd() if self.manifest.lora.optimizer == "sgd" else AdamW()
+
+    def train_mode(self) -> None:
+        self.mode = "train"
+
+    def eval_mode(self) -> None:
+        self.mode = "eval"
+
+    def step(self, optimizer: AdamW | Sgd) -> None:
+        """Apply the gradients of the last training call."""
+        optimizer.step(self.params, self.grads)
+        self.grads = {}
+
+    def adapter_parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable tensors and every LoRA factor (frozen ones included), by ONNX name."""
+        names = set(self.tier.trainable) | {n for pair in self.tier.lora_pairs for n in (pair.a, pair.b)}
+        return {name: self.params[name].copy() for name in self.tier.parameter_order if name in names}
+
+    def write(self, values: Mapping[str, np.ndarray]) -> None:
+        """Overwrite parameters by name (shapes must match)."""
+        for name, value in values.items():
+            if name in self.params:
+                self.params[name][...] = value
 
 
 def _parameters(tier: Tier, base: Path, init: Path) -> dict[str, np.ndarray]:

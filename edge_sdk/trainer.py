@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.bundle import open_tier
 from edge_sdk.data import Dataset, Example, batches
 from edge_sdk.encoders import encoder_for
 from edge_sdk.memory import peak_rss_bytes
-from edge_sdk.ort_training import Optimizer, ort
 from edge_sdk.protocol.adapter import Adapter, adapter_from_parameters, adapter_to_parameters
 from edge_sdk.protocol.messages import HeadMode, Schedule
 from edge_sdk.protocol.statistics import FeatureStatistics
+from edge_sdk.runtime import Backend, Optimizer, TrainingTier, onnxruntime, open_training
 
 CLASSIFICATION_TASKS = ("seq-cls", "img-cls")
 
@@ -65,7 +64,7 @@ def available_device() -> str:
     onnxruntime-training 1.19 has training kernels for CPU and CUDA only; NPU providers (QNN,
     NNAPI, CoreML) can run the inference graph, never the training graphs.
     """
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return "cuda" if "CUDAExecutionProvider" in onnxruntime().get_available_providers() else "cpu"
 
 
 def learning_rate(step: int, total: int, base: float, schedule: Schedule, warmup: int = 0) -> float:
@@ -113,6 +112,8 @@ class Trainer:
 
     `head="shared"` sends the task head with the adapter and accepts the global head;
     `head="local"` keeps the head on the device (personalization), exchanging LoRA factors only.
+    `backend` chooses the training path (`edge_sdk.runtime`): onnxruntime-training, the portable graph
+    with plain onnxruntime, or "auto" (the training build where it is installed).
     """
 
     def __init__(
@@ -124,13 +125,16 @@ class Trainer:
         threads: int | None = None,
         head: HeadMode = "shared",
         verify: bool = True,
+        backend: Backend = "auto",
     ) -> None:
         if head not in ("shared", "local"):
             raise ValueError(f"head must be 'shared' or 'local', got {head!r}.")
         if device == "auto":
             device = available_device()
         self.bundle, self.device, self.threads, self.head_mode = Path(bundle), device, threads, head
-        self.opened = open_tier(self.bundle, rank, device=device, threads=threads, verify=verify)
+        self.opened: TrainingTier = open_training(self.bundle, rank, backend=backend, device=device, threads=threads,
+                                                  verify=verify)
+        self.backend = self.opened.backend
         self.manifest = self.opened.manifest
         if self.manifest.task not in CLASSIFICATION_TASKS:
             raise ValueError(
@@ -178,8 +182,8 @@ class Trainer:
             raise ValueError(f"proximal_mu must be ≥ 0, got {proximal_mu}.")
         anchors = self.state() if self.manifest.lora.proximal else None
         lengths = self.encoder.lengths(examples) if bucketing else None
-        ort.set_seed(seed)
-        self.opened.module.train()
+        onnxruntime().set_seed(seed)
+        self.opened.train_mode()
         losses: list[float] = []
         samples = tokens = padded = 0
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -205,8 +209,7 @@ class Trainer:
         """One optimizer step on `batch`: (loss, tokens, padded tokens)."""
         feeds = self.encoder(batch)
         loss, _ = self.opened.run(self._inputs(feeds), _labels(batch), proximal_mu, anchors)
-        self.optimizer.step()
-        self.opened.module.lazy_reset_grad()
+        self.opened.step(self.optimizer)
         mask = feeds.get("attention_mask", np.zeros(0, dtype=np.int64))
         return float(loss), int(mask.sum()), int(mask.size)
 
@@ -218,7 +221,7 @@ class Trainer:
         """
         examples = self._materialize(data)
         start = time.perf_counter()
-        self.opened.module.eval()
+        self.opened.eval_mode()
         total_loss, predictions, labels, margins = 0.0, [], [], []
         for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
             targets = _labels(batch)
@@ -246,7 +249,7 @@ class Trainer:
             raise ValueError("This bundle has no features output; re-export it with this fedpeft-export.")
         examples = self._materialize(data)
         stats = FeatureStatistics.zeros(len(self.manifest.labels), width)
-        self.opened.module.eval()
+        self.opened.eval_mode()
         for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
             targets = _labels(batch)
             _, _, features = self.opened.run(self._inputs(self.encoder(batch)), targets, with_features=True)
@@ -276,8 +279,9 @@ class Trainer:
 
         This is how one opened tier serves many simulated devices in turn: each brings its own
         trainable state (from `state()`), so nothing leaks from the device that trained before.
-        AdamW keeps its moments in the session, so the tier is reopened; plain SGD has no state, so
-        the values are written into the open session (no reopen: ~0.3 s less per call on MiniLM).
+        onnxruntime-training keeps AdamW's moments in the session, so the tier is reopened; plain SGD
+        has no state, so the values are written into the open session (no reopen: ~0.3 s less per call
+        on MiniLM). The portable path writes the values and starts a new numpy optimizer.
         """
         values = dict(parameters) if parameters is not None else {}
         if adapter is not None:
@@ -289,7 +293,10 @@ class Trainer:
                 for pair in self.opened.tier.lora_pairs:
                     received.pop(pair.a)
             values.update(received)
-        if self.manifest.lora.optimizer == "sgd":
+        if self.backend == "portable":
+            self._write({**self._initial, **values})
+            self.optimizer = self.opened.new_optimizer()
+        elif self.manifest.lora.optimizer == "sgd":
             self._write({**self._initial, **values})
         else:
             self._reopen(values)
@@ -327,20 +334,22 @@ class Trainer:
 
     def reset_optimizer(self) -> None:
         """Start a fresh optimizer (AdamW: zero moments, step 0), keeping the current parameters."""
-        self._reopen(self.opened.adapter_parameters())
+        if self.backend == "portable":
+            self.optimizer = self.opened.new_optimizer()
+        else:
+            self._reopen(self.opened.adapter_parameters())
 
     def _reopen(self, trainable: dict[str, np.ndarray]) -> None:
         rank = self.rank
         del self.optimizer, self.opened
         gc.collect()
-        self.opened = open_tier(self.bundle, rank, device=self.device, threads=self.threads, verify=False)
+        self.opened = open_training(self.bundle, rank, backend="ort-training", device=self.device,
+                                    threads=self.threads, verify=False)
         self._write(trainable)
         self.optimizer = self.opened.new_optimizer()
 
     def _write(self, trainable: Mapping[str, np.ndarray]) -> None:
-        for name, param in self.opened.state.parameters:
-            if name in trainable:
-                param.data = np.ascontiguousarray(trainable[name], dtype=np.float32)
+        self.opened.write(trainable)
 
     def _inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [feeds[spec.name] for spec in self.manifest.inputs]

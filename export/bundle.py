@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -28,6 +29,7 @@ from edge_sdk.protocol.manifest import (
 )
 from export import __version__
 from export.errors import ExportError
+from export.portable import gradient_difference, portable_training_graph
 from export.graph import (
     OUTPUT_NAME,
     add_feature_output,
@@ -45,6 +47,10 @@ TOKENIZER_DIR = "tokenizer"
 TOKEN_IDS = "input_ids"
 PRINCIPAL_FILE = "svd_init.safetensors"
 PARITY_TOLERANCE = 1e-4
+PORTABLE_TOLERANCE = 1e-4
+"""Largest relative gradient gap of a portable graph from onnxruntime-training's (measured: ~1e-6)."""
+PORTABLE_MODEL = "portable_model.onnx"
+log = logging.getLogger("fedpeft.export")
 MAX_IR_VERSION = 10
 IGNORE_INDEX = -100
 
@@ -176,7 +182,8 @@ def _write_bundle(
     svd_init = _write_principal(work, exported.first, min(options.ranks)) if options.svd_init else None
     manifest = _manifest(work, model_dir, options, exported, tokenizer, svd_init)
     (work / MANIFEST_FILE).write_text(manifest.to_json())
-    checked = [replace(t, parity_max_abs_diff=_verify_tier(work, t, *exported.references[t.rank]))
+    checked = [replace(t, parity_max_abs_diff=_verify_tier(work, t, *exported.references[t.rank]),
+                       portable_max_rel_diff=_verify_portable(work, t, exported.references[t.rank][0]))
                for t in exported.tiers]
     manifest = replace(manifest, tiers=checked)
     (work / MANIFEST_FILE).write_text(manifest.to_json())
@@ -316,6 +323,12 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
     (tier_dir / "checkpoint").unlink()
     _cap_ir_version(tier_dir / "optimizer_model.onnx")
     written = onnx.load(str(tier_dir / "training_model.onnx"))
+    try:
+        onnx.save(portable_training_graph(written, trainable), str(tier_dir / PORTABLE_MODEL))
+        portable: str | None = PORTABLE_MODEL
+    except ExportError as err:
+        log.warning("Tier r=%d gets no portable training graph (devices need onnxruntime-training): %s", rank, err)
+        portable = None
     params = set(trainable) | set(frozen_names) | set(loaded.frozen_lora)
     order = [i.name for i in written.graph.input if i.name in params]
     _write_inference_graph(graph, tier_dir / "inference_model.onnx", frozen_names, work / BASE_WEIGHTS_FILE)
@@ -333,6 +346,7 @@ def _write_tier(work: Path, rank: int, loaded: LoadedModel, graph: onnx.ModelPro
         trainable_count=int(sum(int(np.prod(inits[n].dims)) for n in trainable)),
         lora_pairs=[LoraPair(**p) for p in loaded.lora_pairs],
         parity_max_abs_diff=None,
+        portable_model=portable,
     )
 
 
@@ -424,6 +438,18 @@ def _verify_tier(work: Path, tier: Tier, feeds: list[np.ndarray], reference: np.
                 f"Tier r={tier.rank}: ORT {graph} logits differ from the peft model by {diff:.2e} (> {PARITY_TOLERANCE})."
             )
     return max(diffs.values())
+
+
+def _verify_portable(work: Path, tier: Tier, feeds: list[np.ndarray]) -> float | None:
+    """The portable graph's largest relative gradient gap from onnxruntime-training's on the sample batch."""
+    if tier.portable_model is None:
+        return None
+    labels = np.zeros(feeds[0].shape[0], dtype=np.int64)
+    gap = gradient_difference(work, tier.rank, feeds, labels)
+    if not gap <= PORTABLE_TOLERANCE:
+        raise ExportError(f"Tier r={tier.rank}: the portable graph's gradients differ from onnxruntime-training's "
+                          f"by {gap:.2e} (relative, > {PORTABLE_TOLERANCE}); report the model.")
+    return gap
 
 
 def _check_features(opened: OpenedTier, features: np.ndarray, logits: np.ndarray) -> None:

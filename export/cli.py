@@ -127,7 +127,9 @@ def main(out: Path, model: str | None, model_id: str | None, task: str, num_labe
     for tier in manifest.tiers:
         click.echo(
             f"  r={tier.rank:<3} trainable {tier.trainable_count:>9,d}  "
-            f"LoRA pairs {len(tier.lora_pairs):>3}  max |logit diff| vs peft {tier.parity_max_abs_diff:.1e}"
+            f"LoRA pairs {len(tier.lora_pairs):>3}  max |logit diff| vs peft {tier.parity_max_abs_diff:.1e}  "
+            + (f"portable gradients vs onnxruntime-training {tier.portable_max_rel_diff:.1e}"
+               if tier.portable_max_rel_diff is not None else "no portable graph")
         )
 
 

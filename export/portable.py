@@ -62,8 +62,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _unsupported(node: onnx.NodeProto, why: str) -> ExportError:
-    return ExportError(f"Cannot make {node.op_type} '{node.name}' portable: {why}. Export without portable graphs "
-                       "(--no-portable) or report the model.")
+    return ExportError(f"Cannot make {node.op_type} '{node.name}' portable: {why}.")
 
 
 def _concat_training(g: _Graph, node: onnx.NodeProto) -> None:
@@ -291,12 +290,7 @@ def gradient_difference(bundle: Path, rank: int, inputs: list[np.ndarray], label
                                      providers=["CPUExecutionProvider"])
     portable = ort.InferenceSession(_seeded(onnx.load(str(tier_dir / opened.tier.portable_model))).SerializeToString(),
                                     providers=["CPUExecutionProvider"])
-    named = {spec.name: x for spec, x in zip(opened.manifest.inputs, inputs)}
-    named[opened.manifest.label_input.name] = labels
-    lookup = opened.manifest.embedding_lookup
-    if lookup and opened.embeddings is not None:
-        named[lookup["input"]] = opened.embeddings(named[lookup["ids"]])
-    named.update(opened.params)
+    named = opened.named_inputs(inputs, labels)
     feeds = {}
     for spec in reference.get_inputs():
         if spec.name in named:
