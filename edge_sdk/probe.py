@@ -14,9 +14,8 @@ import click
 import numpy as np
 from safetensors.numpy import load_file
 
-from edge_sdk.bundle import open_tier
 from edge_sdk.memory import peak_rss_bytes
-from edge_sdk.ort_training import ort
+from edge_sdk.runtime import onnxruntime, open_training
 
 
 @click.command()
@@ -31,24 +30,23 @@ from edge_sdk.ort_training import ort
 def main(bundle: str, rank: int, batch_file: str, threads: int | None, device: str, seconds: float, max_steps: int) -> None:
     """Train `rank` on one batch repeatedly; report peak RSS and median steps/s."""
     batch = load_file(batch_file)
-    opened = open_tier(bundle, rank, device=device, threads=threads, verify=False)
+    opened = open_training(bundle, rank, device=device, threads=threads, verify=False)
     inputs, labels = [batch[spec.name] for spec in opened.manifest.inputs], batch["labels"].astype(np.int64)
     optimizer = opened.new_optimizer()
-    opened.module.train()
-    ort.set_seed(0)
+    opened.train_mode()
+    onnxruntime().set_seed(0)
     durations: list[float] = []
     deadline = time.perf_counter() + seconds
     for step in range(max_steps + 1):
         start = time.perf_counter()
         opened.run(inputs, labels)
-        optimizer.step()
-        opened.module.lazy_reset_grad()
+        opened.step(optimizer)
         if step:
             durations.append(time.perf_counter() - start)
         if step >= 2 and time.perf_counter() > deadline:
             break
     click.echo(json.dumps({
-        "rank": rank, "peak_rss_bytes": peak_rss_bytes(), "steps_per_second": 1.0 / float(np.median(durations)),
+        "rank": rank, "backend": opened.backend, "peak_rss_bytes": peak_rss_bytes(), "steps_per_second": 1.0 / float(np.median(durations)),
         "steps": len(durations),
     }))
 

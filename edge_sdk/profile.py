@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from edge_sdk.data import Example
 from edge_sdk.encoders import encoder_for
 from edge_sdk.files import write_atomic
-from edge_sdk.ort_training import ort
+from edge_sdk.runtime import onnxruntime, resolve_backend
 from edge_sdk.protocol.manifest import Manifest, bundle_id, read_manifest
 from edge_sdk.protocol.ranking import DeviceProfile
 
@@ -146,7 +146,8 @@ def profile_device(
     compute = prober(min(manifest.ranks)).steps_per_second * (chosen.compute_factor if chosen else 1.0)
     profile = DeviceProfile(
         memory_bytes=memory, compute=compute, num_samples=len(examples), cpu_cores=cores, threads=threads,
-        device=device, providers=list(ort.get_available_providers()), preset=chosen.name if chosen else None,
+        device=device, providers=list(onnxruntime().get_available_providers()), preset=chosen.name if chosen else None,
+        backend=resolve_backend("auto"),
     )
     return profile, prober
 

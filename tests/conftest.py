@@ -59,6 +59,16 @@ def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sgd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model at one tier with the plain SGD optimizer graph."""
+    from export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "sgd"
+    export_bundle(out, ExportOptions(ranks=(2,), optimizer="sgd"))
+    return out
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path):
     """A real mosquitto broker on a free loopback port, stopped after the test."""

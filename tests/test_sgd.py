@@ -16,15 +16,6 @@ from edge_sdk.protocol.manifest import read_manifest
 LR = 0.05
 
 
-@pytest.fixture(scope="module")
-def sgd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.bundle import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "sgd"
-    export_bundle(out, ExportOptions(ranks=(2,), optimizer="sgd"))
-    return out
-
-
 def test_sgd_bundle_steps_by_the_learning_rate_times_the_gradient(sgd_bundle: Path, minilm_bundle: Path) -> None:
     manifest = read_manifest(sgd_bundle)
     assert manifest.lora.optimizer == "sgd" and read_manifest(minilm_bundle).lora.optimizer == "adamw"

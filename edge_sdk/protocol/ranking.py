@@ -24,6 +24,8 @@ class DeviceProfile:
     device: str
     providers: list[str]
     preset: str | None = None
+    backend: str = "ort-training"
+    """The training path: "ort-training" (onnxruntime-training) or "portable" (plain onnxruntime)."""
 
 
 @dataclass(frozen=True)
