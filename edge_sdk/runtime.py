@@ -31,6 +31,11 @@ def training_build_installed() -> bool:
     return (Path(spec.origin).parent / "training" / "api" / "module.py").is_file()
 
 
+if training_build_installed():
+    # Before anything else imports onnxruntime: the training build's own import would probe for torch.
+    import edge_sdk.ort_training  # noqa: F401
+
+
 def onnxruntime() -> ModuleType:
     """The onnxruntime module, imported without the training build's torch probes where that build is installed."""
     if training_build_installed():
