@@ -102,8 +102,11 @@ def privacy_settings(strategy: str, clip: float | None, noise: float | None,
 
 
 def head_options(func):
-    """--closed-form-head, --statistics-rounds."""
+    """--closed-form-head, --statistics-rounds, --prior-calibration."""
     options = [
+        click.option("--prior-calibration", is_flag=True,
+                     help="Devices send their label counts and the global's predicted class totals; the server "
+                          "moves the output bias until those match (needs --server-opt and a trained head)."),
         click.option("--closed-form-head", is_flag=True,
                      help="Solve the shared head in closed form (LDA) from feature statistics the devices send with "
                           "their updates, instead of averaging it; needs --server-opt."),

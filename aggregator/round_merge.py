@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from aggregator.bounds import SAMPLE_CAP, bounded_counts, capped_shares, norm_clip
+from aggregator.calibration import calibration_step
 from aggregator.closed_form import solved_head
 from aggregator.privacy import KEY, LEDGER, DpSettings, Sampling, noise_generator
 from aggregator.server_state import HEAD, ServerOptimizer, ServerState, step, tier_adapters
@@ -96,7 +97,8 @@ def merge_with_server(
     pooled over rounds in the state; with `closed_form` and none sent (the rounds after
     `TrainingConfig.statistics_rounds`) the head stays as solved last. A private strategy (dp-fedavg)
     merges the head with the adapter under `privacy`, with noise from the state's secret key, and
-    adds the round's `sampling` to the state's privacy ledger. The result's
+    adds the round's `sampling` to the state's privacy ledger. Where the updates carry prior statistics,
+    the output bias then takes the prior-matching step (`calibration`). The result's
     `global_state` is the new ΔW_g's SVD.
     """
     spec = get_strategy(strategy)
@@ -135,6 +137,10 @@ def merge_with_server(
         heads = _average_heads(list(zip(counts, changes)))
         grads.update({HEAD + name: value for name, value in heads.items()})
     new_state = step(state, grads, optimizer)
+    priors = [(n / h.num_samples, a.prior) for n, (h, a) in zip(counts, ordered) if a.prior is not None]
+    if priors:
+        bias = HEAD + str(manifest.output_bias)
+        new_state.params[bias] = (new_state.params[bias] + calibration_step(new_state.moments, priors)).astype(np.float32)
     if spec.private:
         new_state.moments[LEDGER] = np.concatenate([state.moments.get(LEDGER, np.zeros((0, 3))),
                                                     sampling.ledger_row(privacy.noise_multiplier)])

@@ -87,7 +87,8 @@ class ServerState:
     """The global adapter (`params`: "<layer>::W", or "<layer>::A"/"::B", and "head::<name>") and the
     optimizer's moments (`moments`: "m::<key>", "v::<key>"; with a closed-form head also the pooled
     feature statistics "stats::gram", "stats::sums", "stats::counts"; with dp-fedavg its noise key and
-    privacy ledger, "dp::key" and "dp::ledger") after `step` server steps."""
+    privacy ledger, "dp::key" and "dp::ledger"; with prior calibration the pooled class totals
+    "calibration::counts" and "calibration::predicted") after `step` server steps."""
 
     form: StateForm
     step: int
@@ -102,7 +103,7 @@ class ServerState:
     def from_bytes(cls, data: bytes, form: StateForm) -> ServerState:
         tensors = load(data)
         params = {k[len("param::"):]: v for k, v in tensors.items() if k.startswith("param::")}
-        moments = {k: v for k, v in tensors.items() if k.startswith(("m::", "v::", "stats::", "dp::"))}
+        moments = {k: v for k, v in tensors.items() if k.startswith(("m::", "v::", "stats::", "dp::", "calibration::"))}
         return cls(form, int(tensors["step"][0]), params, moments)
 
 

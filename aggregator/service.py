@@ -87,6 +87,14 @@ def check_head_options(options: AggregatorOptions, manifest: Manifest) -> None:
     if rounds is not None and not (options.training.feature_statistics and rounds >= 1):
         raise ValueError(f"statistics_rounds (got {rounds}) limits a closed-form head's statistics to rounds 1..N: "
                          "set it to N ≥ 1 together with the closed-form head, or leave it unset.")
+    if options.training.prior_calibration:
+        if manifest.output_bias not in manifest.head_parameters:
+            raise ValueError("Prior calibration moves the head's output bias: export the bundle with --train-head.")
+        if options.head != "shared" or options.server_optimizer is None or options.training.feature_statistics:
+            raise ValueError("Prior calibration steps the shared head the server holds: run it with the head shared, "
+                             "a server optimizer (--server-opt) and no closed-form head.")
+        if get_strategy(options.strategy).private:
+            raise ValueError(f"{options.strategy} cannot calibrate: label counts would leave the devices without noise.")
     if not options.training.feature_statistics:
         return
     if manifest.feature_width is None or manifest.output_bias is None:
@@ -521,7 +529,8 @@ class Aggregator:
         except CodecError as err:
             self._reject(sender, f"{type(err).__name__}: {err}", None)
             return
-        reason = self._refusal(sender, header, current) or self._statistics_refusal(header, adapter)
+        reason = (self._refusal(sender, header, current) or self._statistics_refusal(header, adapter)
+                  or self._prior_refusal(header, adapter))
         if reason is not None:
             self._reject(sender, reason, header.round)
             return
@@ -563,6 +572,18 @@ class Aggregator:
             return "feature statistics sent, but this federation does not ask for them in this round"
         if adapter.statistics.samples > header.num_samples:
             return (f"feature statistics over {adapter.statistics.samples} examples, more than the "
+                    f"{header.num_samples} the update declares")
+        return None
+
+    def _prior_refusal(self, header: AdapterHeader, adapter: Adapter) -> str | None:
+        """Prior statistics are sent exactly when the federation calibrates, over no more examples than declared."""
+        wanted = self.options.training.prior_calibration
+        if adapter.prior is None:
+            return "prior statistics missing: this federation calibrates the output bias" if wanted else None
+        if not wanted:
+            return "prior statistics sent, but this federation does not calibrate the output bias"
+        if adapter.prior.samples > header.num_samples:
+            return (f"prior statistics over {adapter.prior.samples} examples, more than the "
                     f"{header.num_samples} the update declares")
         return None
 

@@ -1,10 +1,12 @@
-"""On-device training throughput and memory: the SDK (onnxruntime-training) vs PyTorch eager + peft.
+"""On-device training throughput and memory: the SDK's two paths (onnxruntime-training, and the portable
+graph with numpy optimizer steps) vs PyTorch eager + peft.
 
 Usage: .venv/bin/python benchmarks/bench_train.py --bundle DIR [--steps 40] [--repeats 3] [--pad-multiple 8]
 MiniLM tier r=8, batch 16, 2 threads, real Rotten Tomatoes sentences, max 64 tokens. Each run is
 a separate process (peak RSS = its VmHWM); both sides train on identical batches, (a) padded to
 a fixed 64 tokens and (b) padded per batch after length bucketing (optionally up to a multiple of
---pad-multiple tokens, as the SDK's trainer does). Prints medians and SDK/PyTorch ratios.
+--pad-multiple tokens, as the SDK's trainer does). Prints medians and the ratios portable / onnxruntime-training
+and SDK / PyTorch (the bundle needs portable graphs: a fedpeft-export of this version).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ MAX_LEN = 64
 BATCH = 16
 THREADS = 2
 RANK = 8
+BACKENDS = {"sdk": "ort-training", "portable": "portable"}
+SIDES = ("sdk", "portable", "torch")
 
 
 def _batches(bundle: Path, padding: str, steps: int, multiple: int | None) -> list[dict[str, np.ndarray]]:
@@ -44,19 +48,18 @@ def _batches(bundle: Path, padding: str, steps: int, multiple: int | None) -> li
     return out[:steps]
 
 
-def _sdk(bundle: Path, data: list[dict[str, np.ndarray]], warmup: int) -> list[float]:
-    from edge_sdk.bundle import open_tier
+def _sdk(bundle: Path, data: list[dict[str, np.ndarray]], warmup: int, backend: str) -> list[float]:
+    from edge_sdk.runtime import open_training
 
-    opened = open_tier(bundle, RANK, threads=THREADS)
+    opened = open_training(bundle, RANK, backend=backend, threads=THREADS)
     optimizer = opened.new_optimizer()
     optimizer.set_learning_rate(1e-3)
-    opened.module.train()
+    opened.train_mode()
     times = []
     for i, feeds in enumerate(data):
         start = time.perf_counter()
         opened.run([feeds["input_ids"], feeds["attention_mask"]], feeds["labels"])
-        optimizer.step()
-        opened.module.lazy_reset_grad()
+        opened.step(optimizer)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -88,7 +91,7 @@ def worker(side: str, padding: str, bundle: Path, steps: int, multiple: int | No
     """One measured run in this process; returns tokens/s and peak RSS."""
     warmup = 3
     data = _batches(bundle, padding, steps + warmup, multiple)
-    times = (_sdk if side == "sdk" else _torch)(bundle, data, warmup)
+    times = _torch(bundle, data, warmup) if side == "torch" else _sdk(bundle, data, warmup, BACKENDS[side])
     tokens = sum(int(f["attention_mask"].sum()) for f in data[warmup:])
     from edge_sdk.memory import peak_rss_bytes
 
@@ -112,7 +115,7 @@ def main(bundle: Path, steps: int, repeats: int, pad_multiple: int | None, as_wo
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(repeats):
         for padding in ("fixed", "batch"):
-            for side in ("sdk", "torch"):
+            for side in SIDES:
                 done = subprocess.run([sys.executable, __file__, "--bundle", str(bundle), "--steps", str(steps),
                                        *multiple, "--worker", side, padding], capture_output=True, text=True, check=True)
                 results.setdefault((side, padding), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -122,14 +125,15 @@ def main(bundle: Path, steps: int, repeats: int, pad_multiple: int | None, as_wo
     rows: dict[str, dict] = {}
     for padding, label in (("fixed", "fixed 64"), ("batch", "per-batch")):
         row = rows[padding] = {}
-        for side in ("sdk", "torch"):
+        for side in SIDES:
             runs = results[(side, padding)]
             row[side] = {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s", "ms_per_step", "peak_rss_mib")}
             assert side == "torch" or not any(r["torch_loaded"] for r in runs)
             click.echo(f"{label:10}{side:8}{row[side]['tokens_per_s']:10.0f}{row[side]['ms_per_step']:9.0f}"
                        f"{row[side]['peak_rss_mib']:14.0f}")
-        click.echo(f"{'':10}{'ratio':8}{row['sdk']['tokens_per_s'] / row['torch']['tokens_per_s']:10.2f}×"
-                   f"{'':8}{row['sdk']['peak_rss_mib'] / row['torch']['peak_rss_mib']:14.2f}×")
+        for a, b in (("sdk", "torch"), ("portable", "sdk"), ("portable", "torch")):
+            click.echo(f"{'':10}{a + '/' + b:16}{row[a]['tokens_per_s'] / row[b]['tokens_per_s']:6.2f}×"
+                       f"{'':4}{row[a]['peak_rss_mib'] / row[b]['peak_rss_mib']:14.2f}×")
     sdk = rows["batch"]["sdk"]["tokens_per_s"]
     click.echo(f"goal (a) SDK per-batch vs PyTorch fixed 64:   {sdk / rows['fixed']['torch']['tokens_per_s']:.2f}× (≥ 1.5)")
     click.echo(f"goal (b) SDK vs PyTorch, same per-batch pad: {sdk / rows['batch']['torch']['tokens_per_s']:.2f}× (≥ 1.0)")
@@ -137,6 +141,9 @@ def main(bundle: Path, steps: int, repeats: int, pad_multiple: int | None, as_wo
     worst = max(r["peak_rss_mib"] for r in results[("sdk", "batch")])
     click.echo(f"goal SDK peak RSS (per-batch): median {peak:.0f} MiB = {peak * 2**20 / 1e6:.0f} MB, "
                f"worst run {worst * 2**20 / 1e6:.0f} MB (≤ 450 MB)")
+    portable = rows["batch"]["portable"]
+    click.echo(f"goal portable vs onnxruntime-training (per-batch): {portable['tokens_per_s'] / sdk:.2f}× tokens/s "
+               f"(≥ 0.8), {portable['peak_rss_mib'] / peak:.2f}× peak RSS (≤ 1.10)")
 
 
 if __name__ == "__main__":

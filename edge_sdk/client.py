@@ -278,6 +278,7 @@ class FederatedClient:
         with self.trainers.lease(rank, self.profile.threads) as trainer:
             trainer.load_state(self._trainable, received)
             statistics = trainer.feature_statistics(examples) if training.sends_statistics(task.round) else None
+            prior = trainer.prior_statistics(examples) if training.prior_calibration else None
             report = trainer.fit(
                 examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
                 schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,
@@ -287,7 +288,7 @@ class FederatedClient:
             )
             evaluation = trainer.evaluate(self.eval_data) if self.eval_data else None
             adapter, self._trainable = trainer.get_adapter(), trainer.state()
-        adapter.statistics = statistics
+        adapter.statistics, adapter.prior = statistics, prior
         metrics = {"train_loss": report.mean_loss, "train_seconds": report.wall_seconds,
                    "train_cpu_seconds": report.cpu_seconds}
         if evaluation is not None:

@@ -17,7 +17,7 @@ from edge_sdk.encoders import encoder_for
 from edge_sdk.memory import peak_rss_bytes
 from edge_sdk.protocol.adapter import Adapter, adapter_from_parameters, adapter_to_parameters
 from edge_sdk.protocol.messages import HeadMode, Schedule
-from edge_sdk.protocol.statistics import FeatureStatistics
+from edge_sdk.protocol.statistics import FeatureStatistics, PriorStatistics
 from edge_sdk.runtime import Backend, Optimizer, TrainingTier, onnxruntime, open_training
 
 CLASSIFICATION_TASKS = ("seq-cls", "img-cls")
@@ -255,6 +255,21 @@ class Trainer:
             _, _, features = self.opened.run(self._inputs(self.encoder(batch)), targets, with_features=True)
             stats.add(features, targets)
         return stats
+
+    def prior_statistics(self, data: Dataset, batch_size: int = 16) -> PriorStatistics:
+        """Label counts and the current model's predicted class totals (softmax, eval graph) on `data`,
+        taken before local training at the received global, as the server's bias calibration reads them."""
+        examples = self._materialize(data)
+        classes = len(self.manifest.labels)
+        predicted = np.zeros(classes)
+        self.opened.eval_mode()
+        for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
+            _, logits = self.opened.run(self._inputs(self.encoder(batch)), _labels(batch))
+            scores = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+            probabilities = np.exp(scores)
+            predicted += (probabilities / probabilities.sum(axis=-1, keepdims=True)).sum(axis=0)
+        counts = np.bincount([e.label for e in examples], minlength=classes).astype(np.int64)
+        return PriorStatistics(counts, predicted)
 
     def get_adapter(self) -> Adapter:
         """The current LoRA factors (and the head when it is shared), copied out of the session."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_sdk.protocol.manifest import Manifest
-from edge_sdk.protocol.statistics import FeatureStatistics
+from edge_sdk.protocol.statistics import FeatureStatistics, PriorStatistics
 
 Factors = tuple[np.ndarray, np.ndarray]
 
@@ -19,13 +19,15 @@ class Adapter:
 
     `head` maps the task head's parameter names (manifest vocabulary) to arrays; it is empty
     when the head is frozen or kept local to the device. `statistics`: the feature statistics of
-    the examples a device trained on, when the federation asks for them (closed-form head).
+    the examples a device trained on, when the federation asks for them (closed-form head); `prior`:
+    its label counts and predicted class totals at the received global (prior calibration).
     """
 
     rank: int
     lora: dict[str, Factors]
     head: dict[str, np.ndarray] = field(default_factory=dict)
     statistics: FeatureStatistics | None = None
+    prior: PriorStatistics | None = None
 
     @property
     def num_values(self) -> int:

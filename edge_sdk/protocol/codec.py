@@ -29,7 +29,7 @@ from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.framing import PREFIX, frame, unframe
 from edge_sdk.protocol.manifest import Manifest
 from edge_sdk.protocol.messages import DType
-from edge_sdk.protocol.statistics import FeatureStatistics, StatisticsError
+from edge_sdk.protocol.statistics import FeatureStatistics, PriorStatistics, StatisticsError
 
 MAGIC = b"FEDPEFT\x00"
 FORMAT = "fedpeft-adapter"
@@ -104,6 +104,7 @@ class BadStatisticsError(CodecError):
 
 
 STATISTICS_KEYS = ("stats::gram", "stats::sums", "stats::counts")
+PRIOR_KEYS = ("prior::counts", "prior::predicted")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ def max_payload_bytes(manifest: Manifest) -> int:
     if width is not None:
         values += width * (width + 1) // 2 + (width + 2) * len(manifest.labels)
         tensors += len(STATISTICS_KEYS)
+    values += 2 * len(manifest.labels)
+    tensors += len(PRIOR_KEYS)
     return 4 * values + 512 * tensors + MAX_HEADER_BYTES + PREFIX.size
 
 
@@ -148,6 +151,9 @@ def encode_adapter(adapter: Adapter, header: AdapterHeader) -> bytes:
         tensors.update(zip(STATISTICS_KEYS, (
             stats.gram[np.triu_indices(stats.gram.shape[0])].astype(np.float32),
             np.ascontiguousarray(stats.sums, dtype=np.float32), stats.counts.astype(np.int64))))
+    if adapter.prior is not None:
+        tensors.update(zip(PRIOR_KEYS, (adapter.prior.counts.astype(np.int64),
+                                        np.ascontiguousarray(adapter.prior.predicted, dtype=np.float32))))
     body = save_tensors(tensors)
     meta = {
         "format": FORMAT, "version": CODEC_VERSION,
@@ -260,7 +266,8 @@ def _adapter_from_tensors(tensors: Mapping[str, np.ndarray], manifest: Manifest,
     head_names = manifest.head_parameters if meta["head"] else []
     keys = [f"{p.layer}::{side}" for p in pairs for side in ("A", "B")] + [f"head::{n}" for n in head_names]
     scaled = {k for k in tensors if k.endswith("::scale")}
-    unknown = sorted(set(tensors) - set(keys) - scaled - {f"{k}::scale" for k in keys} - set(STATISTICS_KEYS))
+    unknown = sorted(set(tensors) - set(keys) - scaled - {f"{k}::scale" for k in keys} - set(STATISTICS_KEYS)
+                     - set(PRIOR_KEYS))
     if unknown:
         raise UnknownTensorError(f"Tensors not in this bundle: {unknown[:5]}.")
     absent = [k for k in keys if k not in tensors]
@@ -289,7 +296,28 @@ def _adapter_from_tensors(tensors: Mapping[str, np.ndarray], manifest: Manifest,
             raise NonFiniteError(f"{name} holds NaN or Inf.")
         if value.size and float(np.abs(value).max()) > MAX_ABS_VALUE:
             raise NonFiniteError(f"{name} holds values beyond ±{MAX_ABS_VALUE:g}.")
-    return Adapter(rank=rank, lora=lora, head=head, statistics=_statistics(tensors, manifest))
+    return Adapter(rank=rank, lora=lora, head=head, statistics=_statistics(tensors, manifest),
+                   prior=_prior(tensors, manifest))
+
+
+def _prior(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> PriorStatistics | None:
+    """The payload's prior statistics (None when it carries none), checked by `PriorStatistics.check`."""
+    present = [k for k in PRIOR_KEYS if k in tensors]
+    if not present:
+        return None
+    if len(present) != len(PRIOR_KEYS):
+        raise BadStatisticsError(f"Prior statistics need all of {PRIOR_KEYS}; got {present}.")
+    counts, predicted = (tensors[k] for k in PRIOR_KEYS)
+    if counts.dtype != np.int64 or predicted.dtype != np.float32:
+        raise BadStatisticsError("Prior statistics must be int64 (counts) and float32 (predicted).")
+    if counts.size and int(counts.max()) > MAX_COUNT:
+        raise BadStatisticsError(f"prior::counts must lie in [0, {MAX_COUNT}].")
+    prior = PriorStatistics(counts.copy(), predicted.astype(np.float64))
+    try:
+        prior.check(len(manifest.labels))
+    except StatisticsError as err:
+        raise BadStatisticsError(str(err)) from None
+    return prior
 
 
 def _statistics(tensors: Mapping[str, np.ndarray], manifest: Manifest) -> FeatureStatistics | None:

@@ -58,6 +58,10 @@ class TrainingConfig:
     statistics_rounds: int | None = None
     """With `feature_statistics`: devices send them in rounds up to this one only, and the server keeps
     the head it solved last from then on (None: every round)."""
+    prior_calibration: bool = False
+    """Devices send, with each update, their label counts and the received global's predicted class
+    totals on their training examples, and the server moves the output bias to where the round's
+    predicted totals match its label totals (`aggregator.calibration`); needs an output bias."""
 
     def sends_statistics(self, round_number: int) -> bool:
         """Whether devices send feature statistics with their update of `round_number`."""

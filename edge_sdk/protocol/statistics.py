@@ -76,3 +76,30 @@ class FeatureStatistics:
         if np.any(squares > self.counts * trace * (1 + 1e-4) + 1e-12):
             raise StatisticsError("A class sum is larger than its count and the Gram matrix allow.")
 
+
+
+@dataclass
+class PriorStatistics:
+    """Per class, a device's label count and the sum of the received global's predicted probabilities over
+    the same examples. Summed over the devices of a round, Σ p_c − n_c is the pooled cross-entropy
+    gradient of the output bias b_c: the server moves the bias to where the federation's predicted class
+    totals match its label totals (prior matching), which label skew and adaptive server steps
+    otherwise leave drifting."""
+
+    counts: np.ndarray
+    predicted: np.ndarray
+
+    @property
+    def samples(self) -> int:
+        return int(self.counts.sum())
+
+    def check(self, classes: int) -> None:
+        """Raise StatisticsError unless these could come from `classes`-way probabilities over real examples:
+        shapes, finite non-negative values, and predicted totals summing to the example count."""
+        if self.counts.shape != (classes,) or self.predicted.shape != (classes,):
+            raise StatisticsError(f"Prior statistics shapes counts {self.counts.shape}, predicted "
+                                  f"{self.predicted.shape}; this bundle needs ({classes},) each.")
+        if not np.all(np.isfinite(self.predicted)) or self.predicted.min() < 0 or self.counts.min() < 0:
+            raise StatisticsError("Prior statistics must be finite and non-negative.")
+        if self.samples < 1 or abs(float(self.predicted.sum()) - self.samples) > 1e-3 * self.samples + 1e-2:
+            raise StatisticsError("Predicted probabilities must sum to the example count (at least one).")
