@@ -18,14 +18,15 @@ from edge_sdk.protocol.messages import (
     RoundResult, RoundTask, Schedule, TrainingConfig, UnsupportedVersionError, decode_message, encode_message,
 )
 from edge_sdk.protocol.ranking import DeviceProfile, RankChoice, RankPolicy
-from edge_sdk.protocol.statistics import FeatureStatistics, StatisticsError
+from edge_sdk.protocol.statistics import FeatureStatistics, PriorStatistics, StatisticsError
 from edge_sdk.protocol.topics import Topics, check_identifier
 
 __all__ = [
     "CODEC_VERSION", "DEFAULT_CHUNK_SIZE", "DTYPES", "PROTOCOL_VERSION", "Adapter", "AdapterHeader", "BadStatisticsError", "BundleError",
     "ChecksumError", "ChunkError", "ClientStatus", "CodecError", "DType", "DTypeError", "DeviceProfile",
     "FeatureStatistics", "FederationConfig", "GlobalAdapterRef", "HeadMode", "HeaderError", "LoraSettings", "Manifest", "MessageError",
-    "MissingTensorError", "NonFiniteError", "NotAnAdapterError", "Notice", "PayloadTooLargeError", "RankChoice",
+    "MissingTensorError", "NonFiniteError", "NotAnAdapterError", "Notice", "PayloadTooLargeError", "PriorStatistics",
+    "RankChoice",
     "RankError", "RankPolicy", "Reassembler", "RoundResult", "RoundTask", "Schedule", "ShapeError", "StatisticsError", "Topics",
     "TrainingConfig", "UnknownTensorError", "UnsupportedVersionError", "VersionError", "check_identifier",
     "decode_adapter", "decode_message", "encode_adapter", "encode_message", "max_payload_bytes", "parse_chunk",
