@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from edge_sdk.data import Dataset, Example
@@ -76,6 +77,19 @@ class RoundReport:
 
 MAX_APP_METRICS = 16
 """Numbers the app's evaluation hook may add to an upload (the header holds 64 in all)."""
+
+
+PRIOR_SAMPLE = 32
+"""Examples a device scores each round for prior calibration: two batches, ~a tenth of a round's compute
+(the server pools the sums over rounds, so a sample serves as well as the whole local set)."""
+
+
+def prior_sample(examples: list[Example], seed: int) -> list[Example]:
+    """At most PRIOR_SAMPLE of `examples`, drawn with the round's seed."""
+    if len(examples) <= PRIOR_SAMPLE:
+        return examples
+    picked = np.random.default_rng(seed).choice(len(examples), PRIOR_SAMPLE, replace=False)
+    return [examples[i] for i in sorted(picked)]
 
 
 def app_metrics(values: Mapping[str, float]) -> dict[str, float]:
@@ -278,7 +292,8 @@ class FederatedClient:
         with self.trainers.lease(rank, self.profile.threads) as trainer:
             trainer.load_state(self._trainable, received)
             statistics = trainer.feature_statistics(examples) if training.sends_statistics(task.round) else None
-            prior = trainer.prior_statistics(examples) if training.prior_calibration else None
+            prior = (trainer.prior_statistics(prior_sample(examples, seed)) if training.prior_calibration
+                     else None)
             report = trainer.fit(
                 examples, epochs=training.epochs, steps=training.steps, batch_size=training.batch_size, lr=training.lr,
                 schedule=training.schedule, warmup_steps=training.warmup_steps, seed=seed,

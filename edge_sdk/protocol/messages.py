@@ -60,7 +60,7 @@ class TrainingConfig:
     the head it solved last from then on (None: every round)."""
     prior_calibration: bool = False
     """Devices send, with each update, their label counts and the received global's predicted class
-    totals on their training examples, and the server moves the output bias to where the round's
+    totals on a sample of their training examples (`edge_sdk.client.PRIOR_SAMPLE`), and the server moves the output bias to where the round's
     predicted totals match its label totals (`aggregator.calibration`); needs an output bias."""
 
     def sends_statistics(self, round_number: int) -> bool:
