@@ -37,6 +37,7 @@ from edge_sdk.protocol import (
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import Manifest, bundle_id, read_manifest
 from edge_sdk.protocol.ranking import RankPolicy
+from edge_sdk.protocol.statistics import FeatureStatistics, PriorStatistics
 from edge_sdk.protocol.transport import BrokerSettings, MqttConnection
 
 log = logging.getLogger("fedpeft.aggregator")
@@ -120,6 +121,18 @@ def check_privacy_options(options: AggregatorOptions) -> None:
                          "the devices without noise.")
     if private:
         require_accountant()
+
+
+def _sent_as_asked(what: str, sent: FeatureStatistics | PriorStatistics | None, wanted: bool, why: str, when: str,
+                   declared: int) -> str | None:
+    """Why statistics an update carries (or lacks) are refused, or None."""
+    if sent is None:
+        return f"{what} missing: {why}" if wanted else None
+    if not wanted:
+        return f"{what} sent, but this federation does not ask for them{' ' + when if when else ''}"
+    if sent.samples > declared:
+        return f"{what} over {sent.samples} examples, more than the {declared} the update declares"
+    return None
 
 
 MAX_TOLD = 10_000
@@ -529,8 +542,7 @@ class Aggregator:
         except CodecError as err:
             self._reject(sender, f"{type(err).__name__}: {err}", None)
             return
-        reason = (self._refusal(sender, header, current) or self._statistics_refusal(header, adapter)
-                  or self._prior_refusal(header, adapter))
+        reason = self._refusal(sender, header, current) or self._statistics_refusal(header, adapter)
         if reason is not None:
             self._reject(sender, reason, header.round)
             return
@@ -564,28 +576,11 @@ class Aggregator:
         return None
 
     def _statistics_refusal(self, header: AdapterHeader, adapter: Adapter) -> str | None:
-        """Feature statistics are sent exactly when asked for, over no more examples than the device has."""
-        wanted = self.options.training.sends_statistics(header.round)
-        if adapter.statistics is None:
-            return "feature statistics missing: this federation asks for them" if wanted else None
-        if not wanted:
-            return "feature statistics sent, but this federation does not ask for them in this round"
-        if adapter.statistics.samples > header.num_samples:
-            return (f"feature statistics over {adapter.statistics.samples} examples, more than the "
-                    f"{header.num_samples} the update declares")
-        return None
-
-    def _prior_refusal(self, header: AdapterHeader, adapter: Adapter) -> str | None:
-        """Prior statistics are sent exactly when the federation calibrates, over no more examples than declared."""
-        wanted = self.options.training.prior_calibration
-        if adapter.prior is None:
-            return "prior statistics missing: this federation calibrates the output bias" if wanted else None
-        if not wanted:
-            return "prior statistics sent, but this federation does not calibrate the output bias"
-        if adapter.prior.samples > header.num_samples:
-            return (f"prior statistics over {adapter.prior.samples} examples, more than the "
-                    f"{header.num_samples} the update declares")
-        return None
+        """Feature and prior statistics are sent exactly when asked for, over no more examples than the device has."""
+        return (_sent_as_asked("feature statistics", adapter.statistics, self.options.training.sends_statistics(
+                    header.round), "this federation asks for them", "in this round", header.num_samples)
+                or _sent_as_asked("prior statistics", adapter.prior, self.options.training.prior_calibration,
+                                  "this federation calibrates the output bias", "", header.num_samples))
 
     def _reject(self, sender: str, reason: str, round_number: int | None) -> None:
         """Count every rejection; log it and notify the sender once per sender and reason while the round

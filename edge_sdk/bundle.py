@@ -17,7 +17,8 @@ from safetensors import safe_open
 from edge_sdk.embeddings import EmbeddingRows
 from edge_sdk.files import sha256_file
 from edge_sdk.ort_training import CheckpointState, Module, Optimizer, ort
-from edge_sdk.protocol.manifest import PROXIMAL_MU_INPUT, BundleError, Manifest, Tier, anchor_input, read_manifest
+from edge_sdk.protocol.manifest import BundleError, Manifest, Tier, read_manifest
+from edge_sdk.runtime import batch_inputs
 
 
 @dataclass
@@ -64,22 +65,11 @@ class OpenedTier:
         """One call of the training graph (train mode: loss and gradients) or the eval graph: (loss, logits),
         and the head's input features after them `with_features` (a bundle with `Manifest.feature_width`).
 
-        `inputs` follow the manifest's inputs; where the bundle has an embedding lookup, the token
-        rows are gathered here. A `--proximal` bundle also takes FedProx's μ and the anchors
-        θ_anchor, one per trainable tensor (default: the current values, so the term is 0).
+        The batch's inputs are named by `runtime.batch_inputs` (token rows gathered, FedProx's μ and
+        anchors for a `--proximal` bundle, by default the current values).
         """
-        if proximal_mu and not self.manifest.lora.proximal:
-            raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
-        named = {spec.name: x for spec, x in zip(self.manifest.inputs, inputs)}
-        named[self.manifest.label_input.name] = labels
-        lookup = self.manifest.embedding_lookup
-        if lookup and self.embeddings is not None:
-            named[lookup["input"]] = self.embeddings(named[lookup["ids"]])
-        if self.manifest.lora.proximal:
-            if anchors is None:
-                anchors = {name: param.data for name, param in self.state.parameters if name in self.tier.trainable}
-            named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
-            named.update((anchor_input(name), anchors[name]) for name in self.tier.trainable)
+        named = batch_inputs(self.manifest, self.tier, self.embeddings, inputs, labels, proximal_mu, anchors,
+                             lambda: {n: p.data for n, p in self.state.parameters if n in self.tier.trainable})
         outputs = self.module(*(named[name] for name in self.module.input_names()))
         if with_features and self.manifest.feature_width is None:
             raise ValueError("This bundle has no features output; re-export it with this fedpeft-export.")

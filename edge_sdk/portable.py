@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from edge_sdk.embeddings import EmbeddingRows
 from edge_sdk.files import sha256_file
-from edge_sdk.protocol.manifest import PROXIMAL_MU_INPUT, BundleError, Manifest, Tier, anchor_input, read_manifest
-from edge_sdk.runtime import onnxruntime
+from edge_sdk.protocol.manifest import BundleError, Manifest, Tier, read_manifest
+from edge_sdk.runtime import batch_inputs, onnxruntime
 
 @dataclass
 class AdamW:
@@ -124,21 +124,10 @@ class PortableTier:
         self, inputs: Sequence[np.ndarray], labels: np.ndarray, proximal_mu: float = 0.0,
         anchors: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Every input the graphs may take by name: the batch (`inputs` in the manifest's order, token rows
-        gathered where the bundle has an embedding lookup), the labels, FedProx's μ and anchors (default:
-        the current values), and the parameters."""
-        if proximal_mu and not self.manifest.lora.proximal:
-            raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
+        """Every input the graphs may take by name: the batch (`runtime.batch_inputs`) and the parameters."""
         named = dict(self.params)
-        named.update((spec.name, x) for spec, x in zip(self.manifest.inputs, inputs))
-        named[self.manifest.label_input.name] = labels
-        lookup = self.manifest.embedding_lookup
-        if lookup and self.embeddings is not None:
-            named[lookup["input"]] = self.embeddings(named[lookup["ids"]])
-        if self.manifest.lora.proximal:
-            anchors = anchors if anchors is not None else {n: self.params[n] for n in self.tier.trainable}
-            named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
-            named.update((anchor_input(n), anchors[n]) for n in self.tier.trainable)
+        named.update(batch_inputs(self.manifest, self.tier, self.embeddings, inputs, labels, proximal_mu, anchors,
+                                  lambda: {n: self.params[n] for n in self.tier.trainable}))
         return named
 
     def new_optimizer(self) -> AdamW | Sgd:

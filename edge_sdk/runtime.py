@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Literal, Protocol
 
 import numpy as np
 
-from edge_sdk.protocol.manifest import Manifest, Tier
+from edge_sdk.embeddings import EmbeddingRows
+from edge_sdk.protocol.manifest import PROXIMAL_MU_INPUT, Manifest, Tier, anchor_input
 
 Backend = Literal["auto", "ort-training", "portable"]
 ResolvedBackend = Literal["ort-training", "portable"]
@@ -54,6 +55,27 @@ def resolve_backend(backend: Backend) -> ResolvedBackend:
         raise ImportError("backend 'ort-training' needs onnxruntime-training-cpu==1.19.2 (x86_64); this device "
                           "has plain onnxruntime: use backend 'portable' (or 'auto').")
     return backend
+
+
+def batch_inputs(
+    manifest: Manifest, tier: Tier, embeddings: EmbeddingRows | None, inputs: Sequence[np.ndarray], labels: np.ndarray,
+    proximal_mu: float, anchors: Mapping[str, np.ndarray] | None, current: Callable[[], Mapping[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """A batch's graph inputs by name: `inputs` in the manifest's order, the labels, the token rows gathered
+    where the bundle has an embedding lookup, and for a `--proximal` bundle FedProx's μ and the anchors
+    θ_anchor, one per trainable tensor (default: `current()` values, so the term is 0)."""
+    if proximal_mu and not manifest.lora.proximal:
+        raise ValueError("proximal_mu needs a bundle exported with `fedpeft-export --proximal`.")
+    named = {spec.name: x for spec, x in zip(manifest.inputs, inputs)}
+    named[manifest.label_input.name] = labels
+    lookup = manifest.embedding_lookup
+    if lookup and embeddings is not None:
+        named[lookup["input"]] = embeddings(named[lookup["ids"]])
+    if manifest.lora.proximal:
+        anchors = anchors if anchors is not None else current()
+        named[PROXIMAL_MU_INPUT] = np.array(proximal_mu, dtype=np.float32)
+        named.update((anchor_input(name), anchors[name]) for name in tier.trainable)
+    return named
 
 
 class Optimizer(Protocol):
