@@ -1,12 +1,15 @@
-"""Prior calibration of the output bias from the devices' label counts and predicted class totals.
+"""Prior calibration of the output bias from the devices' label counts and predicted class counts.
 
 With label skew, the shared head's bias drifts with each round's label mix under an adaptive server
 step, while the model's ranking (ROC AUC) stays put: the decision threshold, not the features, is what
-moves (docs/experiments.md, stop 34). Σ (p̂_c − n_c) over the devices is the pooled cross-entropy
-gradient of the bias b_c. One round's devices hold a label mix far from the federation's under
-skew, so the server pools their sums over rounds (exponential decay, ~the last 1 / (1 − DECAY)
-rounds) and moves the bias by a fraction of the log ratio each round: an integral controller that
-settles where the federation's predicted totals match its label totals.
+moves (docs/experiments.md, stop 34). Devices report, per class, how many of a sample of their examples
+carry the label and how many the received global predicts; one round's devices hold a label mix far
+from the federation's under skew, so the server pools the counts over rounds (exponential decay,
+~the last 1 / (1 − DECAY) rounds) and moves each class's bias by a fraction of log(labelled /
+predicted) each round: an integral controller that settles where the global calls each class as
+often as the federation's labels hold it. Hard predictions, not probability totals: a model that is
+still unsure has compressed scores, and matching their soft totals would push every prediction to the
+majority class (measured, stop 34).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ COUNTS, PREDICTED = "calibration::counts", "calibration::predicted"
 def calibration_step(pooled: MutableMapping[str, np.ndarray], priors: Sequence[tuple[float, PriorStatistics]]) -> np.ndarray:
     """Fold this round's (weight, statistics) pairs into `pooled` (weight ≤ 1 scales a device whose sample
     count the round bounded) and return the bias change GAIN · log((n_c + ½) / (p̂_c + ½)) of the pooled
-    sums, centred and clipped to ±MAX_STEP."""
+    label counts n and predicted counts p̂, centred and clipped to ±MAX_STEP."""
     counts = sum(w * p.counts.astype(np.float64) for w, p in priors)
     predicted = sum(w * p.predicted for w, p in priors)
     if COUNTS in pooled:

@@ -105,8 +105,8 @@ def head_options(func):
     """--closed-form-head, --statistics-rounds, --prior-calibration."""
     options = [
         click.option("--prior-calibration", is_flag=True,
-                     help="Devices send their label counts and the global's predicted class totals; the server "
-                          "moves the output bias until those match (needs --server-opt and a trained head)."),
+                     help="Devices send per-class label and predicted counts of a sample of their examples; the "
+                          "server moves the output bias until those match (needs --server-opt and a trained head)."),
         click.option("--closed-form-head", is_flag=True,
                      help="Solve the shared head in closed form (LDA) from feature statistics the devices send with "
                           "their updates, instead of averaging it; needs --server-opt."),

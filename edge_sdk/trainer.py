@@ -257,17 +257,15 @@ class Trainer:
         return stats
 
     def prior_statistics(self, data: Dataset, batch_size: int = 16) -> PriorStatistics:
-        """Label counts and the current model's predicted class totals (softmax, eval graph) on `data`,
-        taken before local training at the received global, as the server's bias calibration reads them."""
+        """Per class, how many of `data` carry that label and how many the current model predicts (eval
+        graph), taken before local training at the received global, as the server's bias calibration reads them."""
         examples = self._materialize(data)
         classes = len(self.manifest.labels)
         predicted = np.zeros(classes)
         self.opened.eval_mode()
         for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
             _, logits = self.opened.run(self._inputs(self.encoder(batch)), _labels(batch))
-            scores = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-            probabilities = np.exp(scores)
-            predicted += (probabilities / probabilities.sum(axis=-1, keepdims=True)).sum(axis=0)
+            predicted += np.bincount(np.argmax(logits, axis=-1), minlength=classes)
         counts = np.bincount([e.label for e in examples], minlength=classes).astype(np.int64)
         return PriorStatistics(counts, predicted)
 

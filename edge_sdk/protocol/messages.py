@@ -59,9 +59,10 @@ class TrainingConfig:
     """With `feature_statistics`: devices send them in rounds up to this one only, and the server keeps
     the head it solved last from then on (None: every round)."""
     prior_calibration: bool = False
-    """Devices send, with each update, their label counts and the received global's predicted class
-    totals on a sample of their training examples (`edge_sdk.client.PRIOR_SAMPLE`), and the server moves the output bias to where the round's
-    predicted totals match its label totals (`aggregator.calibration`); needs an output bias."""
+    """Devices send, with each update, per class the label count and the received global's predicted
+    count on a sample of their training examples (`edge_sdk.client.PRIOR_SAMPLE`), and the server moves
+    the output bias until the pooled predicted counts match the label counts (`aggregator.calibration`);
+    needs an output bias."""
 
     def sends_statistics(self, round_number: int) -> bool:
         """Whether devices send feature statistics with their update of `round_number`."""

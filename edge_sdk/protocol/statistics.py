@@ -80,11 +80,10 @@ class FeatureStatistics:
 
 @dataclass
 class PriorStatistics:
-    """Per class, a device's label count and the sum of the received global's predicted probabilities over
-    the same examples. Summed over the devices of a round, Σ p_c − n_c is the pooled cross-entropy
-    gradient of the output bias b_c: the server moves the bias to where the federation's predicted class
-    totals match its label totals (prior matching), which label skew and adaptive server steps
-    otherwise leave drifting."""
+    """Per class, how many of a device's examples carry that label (`counts`) and how many of the same
+    examples the received global predicts to be of it (`predicted`). Summed over devices and rounds they
+    tell the server whether the shared head calls each class as often as the federation's labels hold it,
+    which label skew and adaptive server steps otherwise leave drifting (prior matching)."""
 
     counts: np.ndarray
     predicted: np.ndarray
@@ -94,7 +93,7 @@ class PriorStatistics:
         return int(self.counts.sum())
 
     def check(self, classes: int) -> None:
-        """Raise StatisticsError unless these could come from `classes`-way probabilities over real examples:
+        """Raise StatisticsError unless these could come from `classes`-way predictions of real examples:
         shapes, finite non-negative values, and predicted totals summing to the example count."""
         if self.counts.shape != (classes,) or self.predicted.shape != (classes,):
             raise StatisticsError(f"Prior statistics shapes counts {self.counts.shape}, predicted "
@@ -102,4 +101,4 @@ class PriorStatistics:
         if not np.all(np.isfinite(self.predicted)) or self.predicted.min() < 0 or self.counts.min() < 0:
             raise StatisticsError("Prior statistics must be finite and non-negative.")
         if self.samples < 1 or abs(float(self.predicted.sum()) - self.samples) > 1e-3 * self.samples + 1e-2:
-            raise StatisticsError("Predicted probabilities must sum to the example count (at least one).")
+            raise StatisticsError("Predicted class totals must sum to the example count (at least one).")
