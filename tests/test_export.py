@@ -194,6 +194,7 @@ def test_img_cls_vit_exports_with_parity(tmp_path: Path) -> None:
     assert manifest.base_model["random_init"] is True
     assert manifest.embedding_lookup is None
     assert [t.parity_max_abs_diff <= 1e-4 for t in manifest.tiers] == [True, True]
+    assert [t.portable_max_rel_diff <= 1e-5 for t in manifest.tiers] == [True, True], "portable ViT gradients"
     opened = open_tier(out, 4)
     optimizer = opened.new_optimizer()
     pixels = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
