@@ -70,3 +70,13 @@ def test_full_fedavg_learns_and_counts_whole_model_traffic(full_bundle: Path, tm
         assert row["participants"] == 3 and row["bytes_up"] == 3 * 4 * trained
     assert summary["up_ratio_to_full_fedavg"] == pytest.approx(trained / model_parameters(manifest))
     assert summary["final_accuracy"] > rows[0]["central_accuracy"] + 0.05, [r["central_accuracy"] for r in rows]
+
+
+def test_a_bundle_whose_portable_gradients_do_not_match_ships_without_a_portable_graph(full_bundle: Path) -> None:
+    """Every weight trains here and the lowered backward does not reproduce onnxruntime-training's gradients
+    (issue 19): the export keeps the tier trainable on onnxruntime-training and leaves the portable graph out."""
+    from edge_sdk.protocol.manifest import read_manifest
+
+    tier = read_manifest(full_bundle).tier(2)
+    assert tier.portable_model is None and tier.portable_max_rel_diff is None
+    assert not (full_bundle / tier.dir / "portable_model.onnx").exists()
