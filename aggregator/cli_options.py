@@ -106,7 +106,7 @@ def head_options(func):
     options = [
         click.option("--prior-calibration", is_flag=True,
                      help="Devices send per-class label and predicted counts of a sample of their examples; the "
-                          "server moves the output bias until those match (needs --server-opt and a trained head)."),
+                          "server offsets each tier's output bias until those match (needs --server-opt and a trained head)."),
         click.option("--closed-form-head", is_flag=True,
                      help="Solve the shared head in closed form (LDA) from feature statistics the devices send with "
                           "their updates, instead of averaging it; needs --server-opt."),

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from aggregator.bounds import SAMPLE_CAP, bounded_counts, capped_shares, norm_clip
-from aggregator.calibration import calibration_step
+from aggregator.calibration import OFFSETS, calibration_step, with_offsets
 from aggregator.closed_form import solved_head
 from aggregator.privacy import KEY, LEDGER, DpSettings, Sampling, noise_generator
 from aggregator.server_state import HEAD, ServerOptimizer, ServerState, step, tier_adapters
@@ -98,8 +98,9 @@ def merge_with_server(
     `TrainingConfig.statistics_rounds`) the head stays as solved last. A private strategy (dp-fedavg)
     merges the head with the adapter under `privacy`, with noise from the state's secret key, and
     adds the round's `sampling` to the state's privacy ledger. Where the updates carry prior statistics,
-    the output bias then takes the prior-matching step (`calibration`). The result's
-    `global_state` is the new ΔW_g's SVD.
+    each tier's output-bias offset takes the prior-matching step (`calibration`): the offsets stay out of
+    the state's bias and go into the tiers' globals, and each head update counts from its own tier's
+    global. The result's `global_state` is the new ΔW_g's SVD.
     """
     spec = get_strategy(strategy)
     ordered = [updates[cid] for cid in sorted(updates)]
@@ -113,8 +114,7 @@ def merge_with_server(
                              "that holds the noise key.")
         if closed_form:
             raise ValueError(f"{strategy} takes no feature statistics: they would leave the devices unprotected.")
-        reference = sent[max(manifest.ranks)].head
-        heads = {h.client_id: {k: v - reference[k] for k, v in a.head.items()} for h, a in ordered}
+        heads = {h.client_id: {k: v - sent[a.rank].head[k] for k, v in a.head.items()} for h, a in ordered}
         result = spec(client_updates, layers, manifest.ranks, clip=privacy.clip,
                       noise_multiplier=privacy.noise_multiplier, sampled=sampling.sampled,
                       rng=noise_generator(state.moments[KEY], state.step + 1), head_updates=heads)
@@ -132,15 +132,13 @@ def merge_with_server(
     if result.head is not None:
         grads.update({HEAD + name: value for name, value in result.head.items()})
     elif not statistics and not closed_form:
-        reference = sent[max(manifest.ranks)].head
-        changes = _clipped_head_updates([{k: v - reference[k] for k, v in a.head.items()} for _, a in ordered])
+        changes = _clipped_head_updates([{k: v - sent[a.rank].head[k] for k, v in a.head.items()} for _, a in ordered])
         heads = _average_heads(list(zip(counts, changes)))
         grads.update({HEAD + name: value for name, value in heads.items()})
     new_state = step(state, grads, optimizer)
-    priors = [(n / h.num_samples, a.prior) for n, (h, a) in zip(counts, ordered) if a.prior is not None]
+    priors = [(a.rank, n / h.num_samples, a.prior) for n, (h, a) in zip(counts, ordered) if a.prior is not None]
     if priors:
-        bias = HEAD + str(manifest.output_bias)
-        new_state.params[bias] = (new_state.params[bias] + calibration_step(new_state.moments, priors)).astype(np.float32)
+        calibration_step(new_state.moments, manifest.ranks, priors)
     if spec.private:
         new_state.moments[LEDGER] = np.concatenate([state.moments.get(LEDGER, np.zeros((0, 3))),
                                                     sampling.ledger_row(privacy.noise_multiplier)])
@@ -151,4 +149,6 @@ def merge_with_server(
         new_state.params[HEAD + str(manifest.output_bias)] = bias
         new_state.moments.update(pooled)
     tiers, svds = tier_adapters(new_state, layers, manifest.ranks, filler)
+    if OFFSETS in new_state.moments:
+        with_offsets(tiers, new_state.moments[OFFSETS], str(manifest.output_bias))
     return tiers, replace(result, global_state=svds), new_state

@@ -60,9 +60,9 @@ class TrainingConfig:
     the head it solved last from then on (None: every round)."""
     prior_calibration: bool = False
     """Devices send, with each update, per class the label count and the received global's predicted
-    count on a sample of their training examples (`edge_sdk.client.PRIOR_SAMPLE`), and the server moves
-    the output bias until the pooled predicted counts match the label counts (`aggregator.calibration`);
-    needs an output bias."""
+    count on a sample of their training examples (`edge_sdk.client.PRIOR_SAMPLE`), and the server offsets
+    each tier's output bias until its devices' pooled predicted counts match their label counts
+    (`aggregator.calibration`); needs an output bias."""
 
     def sends_statistics(self, round_number: int) -> bool:
         """Whether devices send feature statistics with their update of `round_number`."""
