@@ -98,9 +98,9 @@ def merge_with_server(
     `TrainingConfig.statistics_rounds`) the head stays as solved last. A private strategy (dp-fedavg)
     merges the head with the adapter under `privacy`, with noise from the state's secret key, and
     adds the round's `sampling` to the state's privacy ledger. Where the updates carry prior statistics,
-    each tier's output-bias offset takes the prior-matching step (`calibration`): the offsets stay out of
-    the state's bias and go into the tiers' globals, and each head update counts from its own tier's
-    global. The result's `global_state` is the new ΔW_g's SVD.
+    the output bias takes the prior-matching step and each tier's offset its own (`calibration`): the
+    offsets stay out of the state's bias and go into the tiers' globals, and each head update counts from
+    its own tier's global. The result's `global_state` is the new ΔW_g's SVD.
     """
     spec = get_strategy(strategy)
     ordered = [updates[cid] for cid in sorted(updates)]
@@ -138,7 +138,9 @@ def merge_with_server(
     new_state = step(state, grads, optimizer)
     priors = [(a.rank, n / h.num_samples, a.prior) for n, (h, a) in zip(counts, ordered) if a.prior is not None]
     if priors:
-        calibration_step(new_state.moments, manifest.ranks, priors)
+        bias = HEAD + str(manifest.output_bias)
+        common, _ = calibration_step(new_state.moments, manifest.ranks, priors)
+        new_state.params[bias] = (new_state.params[bias] + common).astype(np.float32)
     if spec.private:
         new_state.moments[LEDGER] = np.concatenate([state.moments.get(LEDGER, np.zeros((0, 3))),
                                                     sampling.ledger_row(privacy.noise_multiplier)])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from aggregator.calibration import COUNTS, DECAY, GAIN, LIMIT, MAX_STEP, OFFSETS, PREDICTED, calibration_step
+from aggregator.calibration import COUNTS, DECAY, GAIN, LIMIT, MAX_STEP, OFFSETS, TIER_PREDICTED, calibration_step
 from aggregator.round_merge import merge_with_server
 from aggregator.server_state import HEAD, ServerOptimizer, initial_state, tier_adapters
 from aggregator.strategies.base import layer_specs_from_manifest
@@ -20,33 +21,36 @@ def _prior(counts, predicted) -> PriorStatistics:
     return PriorStatistics(np.array(counts, dtype=np.int64), np.array(predicted, dtype=np.float64))
 
 
-def test_the_step_moves_the_offset_toward_the_class_the_tier_under_predicts_and_pools_rounds() -> None:
+def test_the_bias_follows_all_tiers_and_each_offset_its_tier_s_difference_pooled_over_rounds() -> None:
     pooled: dict[str, np.ndarray] = {}
-    offsets = calibration_step(pooled, [2, 8], [(8, 1.0, _prior([40, 60], [55.0, 45.0])),
-                                                (8, 0.5, _prior([10, 10], [10.0, 10.0]))])
+    common, offsets = calibration_step(pooled, [2, 8], [(8, 1.0, _prior([40, 60], [55.0, 45.0])),
+                                                        (8, 0.5, _prior([10, 10], [10.0, 10.0]))])
     raw = GAIN * np.log(np.array([45.5, 65.5]) / np.array([60.5, 50.5]))
-    np.testing.assert_allclose(offsets[1], raw - raw.mean())
-    assert offsets[1, 1] > 0 > offsets[1, 0]
-    assert np.array_equal(offsets[0], [0.0, 0.0]), "a tier that sent nothing keeps its offset"
-    np.testing.assert_allclose(pooled[COUNTS][1], [45.0, 65.0])
-    first = offsets[1].copy()
-    again = calibration_step(pooled, [2, 8], [(8, 1.0, _prior([50, 50], [50.0, 50.0])),
-                                              (2, 1.0, _prior([10, 30], [30.0, 10.0]))])
-    np.testing.assert_allclose(pooled[COUNTS][1], DECAY * np.array([45.0, 65.0]) + 50.0)
-    np.testing.assert_allclose(pooled[PREDICTED][1], DECAY * np.array([60.0, 50.0]) + 50.0)
-    assert 0 < again[1, 1] - first[1] < first[1], "a calibrated round shrinks the pooled gap"
-    assert again[0, 1] > 0 > again[0, 0], "each tier follows its own predictions"
+    np.testing.assert_allclose(common, raw - raw.mean())
+    assert common[1] > 0 > common[0]
+    assert np.allclose(offsets, 0.0, atol=1e-12), "one tier reporting is all tiers' common part"
+    np.testing.assert_allclose(pooled[COUNTS], [45.0, 65.0])
+    common, offsets = calibration_step(pooled, [2, 8], [(8, 1.0, _prior([50, 50], [50.0, 50.0])),
+                                                        (2, 1.0, _prior([10, 30], [30.0, 10.0]))])
+    np.testing.assert_allclose(pooled[COUNTS], DECAY * np.array([45.0, 65.0]) + [60.0, 80.0])
+    np.testing.assert_allclose(pooled[TIER_PREDICTED][1], DECAY * np.array([60.0, 50.0]) + 50.0)
+    assert offsets[0, 1] > 0 > offsets[1, 1], "the tier that under-predicts class 1 gets more of it than the other"
+    np.testing.assert_allclose(offsets.sum(axis=0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(offsets.sum(axis=1), 0.0, atol=1e-12)
+    before = offsets.copy()
     calibration_step(pooled, [2, 8], [(8, 1.0, _prior([50, 50], [50.0, 50.0]))])
-    assert np.array_equal(pooled[OFFSETS][0], again[0]), "a stale gap is not applied twice"
+    assert np.abs(pooled[OFFSETS][0] - before[0]).max() < np.abs(before[0]).max(), \
+        "a tier that sent nothing keeps its sums: only the re-centring moves it"
 
 
 def test_one_round_moves_no_class_by_more_than_the_cap_and_no_offset_passes_the_limit() -> None:
     pooled: dict[str, np.ndarray] = {}
-    hostile = [(4, 1.0, _prior([10**6, 0, 0], [0.0, 5 * 10**5, 5 * 10**5]))]
-    offsets = calibration_step(pooled, [4], hostile)
-    assert np.abs(offsets).max() <= MAX_STEP + 1e-12
+    hostile = [(2, 1.0, _prior([10**6, 0, 0], [0.0, 5 * 10**5, 5 * 10**5])),
+               (4, 1.0, _prior([0, 0, 10**6], [5 * 10**5, 5 * 10**5, 0.0]))]
+    common, offsets = calibration_step(pooled, [2, 4], hostile)
+    assert np.abs(common).max() <= MAX_STEP + 1e-12 and np.abs(offsets).max() <= MAX_STEP + 1e-12
     for _ in range(40):
-        offsets = calibration_step(pooled, [4], hostile)
+        common, offsets = calibration_step(pooled, [2, 4], hostile)
     assert np.abs(offsets).max() <= LIMIT + 1e-12
 
 
@@ -79,36 +83,44 @@ def test_prior_statistics_travel_with_the_update_and_bad_ones_are_a_codec_error(
         adapter.prior = None
 
 
-def test_the_offset_goes_into_its_tiers_global_and_not_into_the_state_bias(minilm_bundle: Path,
-                                                                              trained_adapters) -> None:
-    """A rank-8 device whose predictions lean to class 0 while its labels lean to class 1 moves the rank-8
-    global's bias by exactly the calibration step and leaves the other tiers' and the state's bias alone (it
-    returns what it was sent, so the server optimizer's step is zero); returning the offset global next round
-    is no head update."""
+def test_the_common_step_goes_into_the_state_bias_and_the_offsets_into_the_tiers_globals(minilm_bundle: Path,
+                                                                                          trained_adapters) -> None:
+    """A rank-2 device that over-predicts class 1 and a rank-8 device that under-predicts it move the state's
+    bias by the common step and their tiers' globals apart by the offsets (each returns what it was sent, so
+    the server optimizer's step is zero); returning the offset globals next round is no head update."""
     manifest = read_manifest(minilm_bundle)
     layers = layer_specs_from_manifest(manifest)
     start = trained_adapters["r8-0"]
     state = initial_state(start, layers, "exact")
     filler = {n: a for n, (a, _) in start.lora.items()}
     sgd = ServerOptimizer("sgd", lr=1.0, beta1=0.0)
-    bias = str(manifest.output_bias)
+    bias, tiers_in_order = str(manifest.output_bias), sorted(manifest.ranks)
+    priors = {2: _prior([40, 40], [20.0, 60.0]), 8: _prior([40, 40], [60.0, 20.0])}
+
+    def round_of(sent, number):
+        updates = {}
+        for rank, prior in priors.items():
+            update = copy.copy(sent[rank])
+            update.prior = prior
+            updates[f"r{rank}"] = (AdapterHeader("f", number, f"r{rank}", rank, 80), update)
+        return merge_with_server("svd-weighted", updates, sent, state if number == 1 else new, sgd, manifest, filler)
+
     sent, _ = tier_adapters(state, layers, manifest.ranks, filler)
-    update = sent[8]
-    update.prior = _prior([20, 60], [50.0, 30.0])
-    tiers, _, new = merge_with_server("svd-weighted", {"dev": (AdapterHeader("f", 1, "dev", 8, 80), update)}, sent,
-                                      state, sgd, manifest, filler)
-    expected = calibration_step({}, manifest.ranks, [(8, 1.0, _prior([20, 60], [50.0, 30.0]))])
-    row = sorted(manifest.ranks).index(8)
-    np.testing.assert_allclose(new.params[HEAD + bias], state.params[HEAD + bias], atol=1e-6)
-    np.testing.assert_allclose(tiers[8].head[bias] - new.params[HEAD + bias], expected[row], atol=1e-6)
-    np.testing.assert_allclose(tiers[2].head[bias], new.params[HEAD + bias], atol=1e-6)
-    assert {COUNTS, PREDICTED, OFFSETS} <= set(new.moments)
-    returned = tiers[8]
-    returned.prior = _prior([40, 40], [40.0, 40.0])
-    again, _, after = merge_with_server("svd-weighted", {"dev": (AdapterHeader("f", 2, "dev", 8, 80), returned)},
-                                        tiers, new, sgd, manifest, filler)
-    np.testing.assert_allclose(after.params[HEAD + bias], state.params[HEAD + bias], atol=1e-6)
-    np.testing.assert_allclose(again[8].head[bias] - after.params[HEAD + bias], after.moments[OFFSETS][row], atol=1e-6)
+    tiers, _, new = round_of(sent, 1)
+    expected: dict[str, np.ndarray] = {}
+    common, offsets = calibration_step(expected, manifest.ranks, [(r, 1.0, p) for r, p in priors.items()])
+    np.testing.assert_allclose(new.params[HEAD + bias] - state.params[HEAD + bias], common, atol=1e-6)
+    for row, rank in enumerate(tiers_in_order):
+        np.testing.assert_allclose(tiers[rank].head[bias] - new.params[HEAD + bias], offsets[row], atol=1e-6)
+    assert tiers[2].head[bias][1] < tiers[8].head[bias][1], "the over-predicting tier gets less of class 1"
+    assert {COUNTS, OFFSETS} <= set(new.moments)
+    after_first = new
+    again, _, new = round_of(tiers, 2)
+    common, offsets = calibration_step(expected, manifest.ranks, [(r, 1.0, p) for r, p in priors.items()])
+    assert np.allclose(new.params[HEAD + bias] - after_first.params[HEAD + bias], common, atol=1e-6), \
+        "returning its tier's global with the offset in it is no head update"
+    np.testing.assert_allclose(again[8].head[bias] - new.params[HEAD + bias], offsets[tiers_in_order.index(8)],
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("options, message", [
