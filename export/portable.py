@@ -192,6 +192,87 @@ def _fused_matmul(g: _Graph, node: onnx.NodeProto) -> None:
         g.op("Mul", [g.op("MatMul", operands), g.const(alpha)], node.output[0])
 
 
+def _quick_gelu(g: _Graph, node: onnx.NodeProto) -> None:
+    """x·σ(αx) (α = 1: SiLU, as onnxruntime fuses it)."""
+    x = node.input[0]
+    alpha = g.const(float(_attrs(node).get("alpha", 1.702)))
+    g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, alpha])])], node.output[0])
+
+
+def _quick_gelu_grad(g: _Graph, node: onnx.NodeProto) -> None:
+    """dy·σ(αx)·(1 + αx·(1 − σ(αx)))."""
+    dy, x = node.input[0], node.input[1]
+    ax = g.op("Mul", [x, g.const(float(_attrs(node).get("alpha", 1.702)))])
+    sig = g.op("Sigmoid", [ax])
+    slope = g.op("Add", [g.const(1.0), g.op("Mul", [ax, g.op("Sub", [g.const(1.0), sig])])])
+    g.op("Mul", [dy, g.op("Mul", [sig, slope])], node.output[0])
+
+
+def _last_axis(g: _Graph, node: onnx.NodeProto, x: str) -> None:
+    axis = _attrs(node).get("axis", -1)
+    if axis not in (-1, g.rank(x, node) - 1):
+        raise _unsupported(node, f"it normalizes over axis {axis}, not the last one")
+
+
+def _simplified_layer_norm(g: _Graph, node: onnx.NodeProto) -> None:
+    """RMS normalization: y = x·σ⁻¹·γ with σ⁻¹ = 1/√(mean(x²) + ε) over the last axis, σ⁻¹ as the second output."""
+    x, scale = node.input[:2]
+    _last_axis(g, node, x)
+    eps = g.const(float(_attrs(node).get("epsilon", 1e-5)))
+    width = g.op("Cast", [g.op("Shape", [x], start=-1)], to=TensorProto.FLOAT)
+    mean_sq = g.op("Div", [g.op("ReduceSum", [g.op("Mul", [x, x]), g.const([-1], np.int64)], keepdims=1), width])
+    inv_std = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_sq, eps])])],
+                   node.output[1] if len(node.output) > 1 and node.output[1] else None)
+    g.op("Mul", [g.op("Mul", [x, inv_std]), scale], node.output[0])
+
+
+def _simplified_layer_norm_grad(g: _Graph, node: onnx.NodeProto) -> None:
+    """dx = σ⁻¹(ĝ − x̂·mean(ĝ·x̂)) with ĝ = dy·γ and x̂ = x·σ⁻¹; dγ summed over all but the last axis."""
+    dy, x, scale, inv_std = node.input[:4]
+    _last_axis(g, node, x)
+    last = g.const([-1], np.int64)
+    width = g.op("Cast", [g.op("Shape", [x], start=-1)], to=TensorProto.FLOAT)
+    xhat = g.op("Mul", [x, inv_std])
+    gh = g.op("Mul", [dy, scale])
+    mean_gx = g.op("Div", [g.op("ReduceSum", [g.op("Mul", [gh, xhat]), last], keepdims=1), width])
+    if node.output[0]:
+        g.op("Mul", [inv_std, g.op("Sub", [gh, g.op("Mul", [xhat, mean_gx])])], node.output[0])
+    if len(node.output) > 1 and node.output[1]:
+        rows = g.op("Concat", [g.const([-1], np.int64), g.op("Shape", [scale])], axis=0)
+        g.op("ReduceSum", [g.op("Reshape", [g.op("Mul", [dy, xhat]), rows]), g.const([0], np.int64)], node.output[1],
+             keepdims=0)
+
+
+def _slice_grad(g: _Graph, node: onnx.NodeProto) -> None:
+    """Zeros of the sliced tensor's shape with dY added where the slice read: the flat positions come from
+    slicing an index tensor with the same starts, ends, axes and steps, so every Slice form is covered."""
+    dy, shape = node.input[:2]
+    size = g.op("ReduceProd", [shape], keepdims=0)
+    positions = g.op("Reshape", [g.op("Range", [g.const(0, np.int64), size, g.const(1, np.int64)]), shape])
+    read = g.op("Slice", [positions, *node.input[2:]])
+    flat = g.const([-1], np.int64)
+    zeros = g.op("ConstantOfShape", [g.op("Reshape", [size, g.const([1], np.int64)])],
+                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    spread = g.op("ScatterElements", [zeros, g.op("Reshape", [read, flat]), g.op("Reshape", [dy, flat])], axis=0,
+                  reduction="add")
+    g.op("Reshape", [spread, shape], node.output[0])
+
+
+def _split_training(g: _Graph, node: onnx.NodeProto) -> None:
+    """Each named output as a Slice of the input between the running sums of the split lengths."""
+    x = node.input[0]
+    if len(node.input) < 2 or not node.input[1]:
+        raise _unsupported(node, "it has no split lengths")
+    axis = g.const([_attrs(node).get("axis", 0)], np.int64)
+    ends = g.op("CumSum", [node.input[1], g.const(0, np.int64)])
+    starts = g.op("Sub", [ends, node.input[1]])
+    for k, output in enumerate(node.output):
+        if output:
+            index = g.const([k], np.int64)
+            g.op("Slice", [x, g.op("Gather", [starts, index], axis=0), g.op("Gather", [ends, index], axis=0), axis],
+                 output)
+
+
 LOWERINGS: dict[str, Callable[[_Graph, onnx.NodeProto], None]] = {
     "ConcatTraining": _concat_training,
     "DropoutGrad": _dropout_grad,
@@ -200,8 +281,14 @@ LOWERINGS: dict[str, Callable[[_Graph, onnx.NodeProto], None]] = {
     "Gelu": _gelu,
     "GeluGrad": _gelu_grad,
     "LayerNormalizationGrad": _layer_norm_grad,
+    "QuickGelu": _quick_gelu,
+    "QuickGeluGrad": _quick_gelu_grad,
+    "SimplifiedLayerNormalization": _simplified_layer_norm,
+    "SimplifiedLayerNormalizationGrad": _simplified_layer_norm_grad,
+    "SliceGrad": _slice_grad,
     "SoftmaxCrossEntropyLossGrad": _softmax_cross_entropy_grad,
     "SoftmaxGrad_13": _softmax_grad,
+    "SplitTraining": _split_training,
     "TanhGrad": _tanh_grad,
 }
 ACCUMULATOR = "InPlaceAccumulatorV2"
@@ -229,10 +316,10 @@ def portable_training_graph(training: onnx.ModelProto, trainable: list[str]) -> 
             grads[buffer.removesuffix(".accumulation.buffer")] = value
             dropped_inputs.update(i for i in (buffer, *node.input[2:]) if i)
             accumulated.update(node.output)
-        elif node.domain in ("", "ai.onnx"):
-            g.nodes.append(node)
         elif node.op_type in LOWERINGS:
             LOWERINGS[node.op_type](g, node)
+        elif node.domain in ("", "ai.onnx"):
+            g.nodes.append(node)
         else:
             raise _unsupported(node, f"no standard-operator form is known for {node.domain}:{node.op_type}")
     missing = [name for name in trainable if name + GRAD_SUFFIX not in grads]
