@@ -116,6 +116,9 @@ class Trainer:
     with plain onnxruntime, or "auto" (the training build where it is installed).
     """
 
+    tasks: tuple[str, ...] = CLASSIFICATION_TASKS
+    """The bundle tasks this trainer trains."""
+
     def __init__(
         self,
         bundle: str | Path,
@@ -136,10 +139,10 @@ class Trainer:
                                                   verify=verify)
         self.backend = self.opened.backend
         self.manifest = self.opened.manifest
-        if self.manifest.task not in CLASSIFICATION_TASKS:
-            raise ValueError(
-                f"Trainer trains classification bundles {CLASSIFICATION_TASKS}; this one is '{self.manifest.task}'."
-            )
+        if self.manifest.task not in self.tasks:
+            other = "edge_sdk.language.LanguageTrainer" if self.manifest.task == "causal-lm" else "another trainer"
+            raise ValueError(f"{type(self).__name__} trains {self.tasks} bundles; this one is "
+                             f"'{self.manifest.task}': use {other}.")
         self.encoder = encoder_for(self.bundle, self.manifest)
         self.optimizer: Optimizer = self.opened.new_optimizer()
         self._initial = self.opened.adapter_parameters()
@@ -208,7 +211,7 @@ class Trainer:
               anchors: Mapping[str, np.ndarray] | None) -> tuple[float, int, int]:
         """One optimizer step on `batch`: (loss, tokens, padded tokens)."""
         feeds = self.encoder(batch)
-        loss, _ = self.opened.run(self._inputs(feeds), _labels(batch), proximal_mu, anchors)
+        loss, _ = self.opened.run(self._inputs(feeds), self._batch_labels(batch, feeds), proximal_mu, anchors)
         self.opened.step(self.optimizer)
         mask = feeds.get("attention_mask", np.zeros(0, dtype=np.int64))
         return float(loss), int(mask.sum()), int(mask.size)
@@ -363,6 +366,10 @@ class Trainer:
 
     def _write(self, trainable: Mapping[str, np.ndarray]) -> None:
         self.opened.write(trainable)
+
+    def _batch_labels(self, batch: Sequence[Example], feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """What the graphs' `labels` input gets for `batch` (encoded as `feeds`): the class of each example."""
+        return _labels(batch)
 
     def _inputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [feeds[spec.name] for spec in self.manifest.inputs]

@@ -1,0 +1,107 @@
+"""Causal language models on the device: next-token labels, loss parity with transformers, training, generation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_sdk.datasets import rotten_tomatoes
+from edge_sdk.language import IGNORE_INDEX, LanguageTrainer, Text, next_token_labels
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A seeded two-layer Llama (grouped-query attention, RMS norm, SiLU, rotary) with the default model's
+    tokenizer, and its bundle at tier r=2 (LoRA on q_proj and v_proj)."""
+    import torch
+    from click.testing import CliRunner
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export.cli import main as export_cli
+    from export.model import resolve_model_dir
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 eos_token_id=102)).save_pretrained(folder / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(resolve_model_dir(None) / name, folder / "model" / name)
+    result = CliRunner().invoke(export_cli, ["--out", str(folder / "bundle"), "--model", str(folder / "model"),
+                                             "--task", "causal-lm", "--ranks", "2", "--max-seq-len", "64"])
+    assert result.exit_code == 0, result.output
+    return folder / "model", folder / "bundle"
+
+
+def test_each_position_learns_the_next_real_token_after_the_prompt() -> None:
+    ids = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    x = IGNORE_INDEX
+    np.testing.assert_array_equal(next_token_labels(ids, mask), [6, 7, 8, x, 10, x, x, x])
+    np.testing.assert_array_equal(next_token_labels(ids, mask, [2, 0]), [x, 7, 8, x, 10, x, x, x])
+    np.testing.assert_array_equal(next_token_labels(ids, mask, [4, 1]), [x, x, x, x, 10, x, x, x])
+
+
+def test_the_eval_loss_equals_transformers_on_texts_with_prompts_and_padding(llama) -> None:
+    """The bundle's eval graph with these labels gives transformers' own shifted causal-LM loss (≤ 1e-5)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model_dir, bundle = llama
+    lm = LanguageTrainer(bundle, 2, threads=2)
+    texts = [Text("a gripping, funny and moving film", prompt="review: "), Text("dull"),
+             Text("the cast is wonderful but the script lets them down", prompt="one line: ")]
+    ours = lm.perplexity(texts, batch_size=len(texts))
+    batch = lm.sequences(texts)
+    feeds = lm.encoder(batch)
+    labels = np.where(feeds["attention_mask"] == 1, feeds["input_ids"], IGNORE_INDEX)
+    for row, example in enumerate(batch):
+        labels[row, :example.prompt_tokens] = IGNORE_INDEX
+    with torch.no_grad():
+        reference = LlamaForCausalLM.from_pretrained(model_dir).eval()(
+            input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"]),
+            labels=torch.from_numpy(labels)).loss.item()
+    assert abs(ours.loss - reference) <= 1e-5
+    assert ours.tokens == int(np.sum(labels[:, 1:] != IGNORE_INDEX))
+
+
+@pytest.mark.parametrize("backend", ["ort-training", "portable"])
+def test_training_on_real_text_lowers_held_out_perplexity(llama, backend: str) -> None:
+    _, bundle = llama
+    texts = [e.x for e in rotten_tomatoes()[:260]]
+    lm = LanguageTrainer(bundle, 2, threads=2, backend=backend)
+    before = lm.perplexity(texts[200:])
+    report = lm.fit(texts[:200], steps=30, batch_size=8, lr=1e-2, seed=0)
+    after = lm.perplexity(texts[200:])
+    assert report.steps == 30 and lm.backend == backend
+    assert after.perplexity < 0.97 * before.perplexity, (before, after)
+
+
+def test_greedy_generation_is_deterministic_and_matches_transformers(llama) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model_dir, bundle = llama
+    lm = LanguageTrainer(bundle, 2, threads=2)
+    first = lm.generate("the film is", max_new_tokens=6)
+    assert first.strip() and first == lm.generate("the film is", max_new_tokens=6)
+    ids = torch.tensor([lm.encoder.tokenizer.encode("the film is").ids])
+    with torch.no_grad():
+        out = LlamaForCausalLM.from_pretrained(model_dir).eval().generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    expected = [t for t in out[0, ids.shape[1]:].tolist()]
+    if 102 in expected:
+        expected = expected[:expected.index(102)]
+    assert first == lm.encoder.tokenizer.decode(expected)
+    sampled = lm.generate("the film is", max_new_tokens=6, temperature=1.0, top_k=50, seed=3)
+    assert sampled == lm.generate("the film is", max_new_tokens=6, temperature=1.0, top_k=50, seed=3)
+
+
+def test_a_classification_trainer_refuses_a_language_model_bundle(llama) -> None:
+    from edge_sdk.trainer import Trainer
+
+    with pytest.raises(ValueError, match="LanguageTrainer"):
+        Trainer(llama[1], 2)
