@@ -307,7 +307,9 @@ class FederatedClient:
         metrics = {"train_loss": report.mean_loss, "train_seconds": report.wall_seconds,
                    "train_cpu_seconds": report.cpu_seconds}
         if evaluation is not None:
-            metrics.update(eval_accuracy=evaluation.accuracy, eval_macro_f1=evaluation.macro_f1, eval_loss=evaluation.loss)
+            scores = {"eval_accuracy": evaluation.accuracy, "eval_macro_f1": evaluation.macro_f1,
+                      "eval_loss": evaluation.loss}
+            metrics.update({k: v for k, v in scores.items() if math.isfinite(v)})
         if self.app_evaluate is not None:
             metrics.update(app_metrics(self.app_evaluate(Predictor(self.bundle, adapter, threads=self.profile.threads))))
         payload = encode_adapter(adapter, AdapterHeader(

@@ -52,11 +52,12 @@ def main(bundle: Path, broker_url: str, tls_ca: Path | None, username: str | Non
                                  "with one {\"text\": ..., \"label\": ...} object per line, a CSV file with "
                                  "text and label columns, or for an image bundle a .npz of images and labels.",
                                  param_hint="--data")
-    examples = rotten_tomatoes() if data_spec == "rotten-tomatoes" else read_data_file(data_spec)
+    task = read_manifest(bundle).task
+    examples = rotten_tomatoes() if data_spec == "rotten-tomatoes" else read_data_file(data_spec, task != "causal-lm")
     is_image = isinstance(examples[0].x, np.ndarray)
-    if is_image != (read_manifest(bundle).task == "img-cls"):
+    if is_image != (task == "img-cls"):
         raise click.BadParameter(f"{data_spec} holds {'images' if is_image else 'text'}, the bundle is a "
-                                 f"{read_manifest(bundle).task} model: give data of its kind.", param_hint="--data")
+                                 f"{task} model: give data of its kind.", param_hint="--data")
     if shard_spec:
         try:
             index, count = (int(x) for x in shard_spec.split("/"))

@@ -83,8 +83,9 @@ class DataError(ValueError):
     """A data file is malformed; the message names the file, the line and what was expected."""
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Text examples from a JSON-lines file with one {"text": str, "label": int} object per line."""
+def read_jsonl(path: str | Path, labelled: bool = True) -> list[Example]:
+    """Text examples from a JSON-lines file with one {"text": str, "label": int} object per line (`labelled`
+    False: {"text": str}, the texts a language model trains on, each with label 0)."""
     examples = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -92,25 +93,28 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 continue
             try:
                 row = json.loads(line)
-                text, label = row["text"], row["label"]
+                text, label = row["text"], row["label"] if labelled else 0
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{path}:{number}: expected {{\"text\": ..., \"label\": ...}}: {err}") from err
+                wanted = '{"text": ..., "label": ...}' if labelled else '{"text": ...}'
+                raise DataError(f"{path}:{number}: expected {wanted}: {err}") from err
             if not isinstance(text, str) or isinstance(label, bool) or not isinstance(label, int):
                 raise DataError(f"{path}:{number}: 'text' must be a string and 'label' an integer.")
             examples.append(Example(text, label))
     return examples
 
 
-def read_csv(path: str | Path) -> list[Example]:
-    """Text examples from a CSV file with a header row that names a `text` and a `label` column."""
+def read_csv(path: str | Path, labelled: bool = True) -> list[Example]:
+    """Text examples from a CSV file with a header row that names a `text` and a `label` column (`labelled`
+    False: a `text` column, each text with label 0)."""
+    columns = {"text", "label"} if labelled else {"text"}
     with open(path, encoding="utf-8", newline="") as handle:
         rows = csv.DictReader(handle)
-        if not rows.fieldnames or not {"text", "label"} <= set(rows.fieldnames):
-            raise DataError(f"{path}: the header row must name a 'text' and a 'label' column, "
+        if not rows.fieldnames or not columns <= set(rows.fieldnames):
+            raise DataError(f"{path}: the header row must name {' and '.join(sorted(columns))} column(s), "
                             f"found {rows.fieldnames or []}.")
         examples = []
         for number, row in enumerate(rows, 2):
-            text, label = row["text"], (row["label"] or "").strip()
+            text, label = row["text"], (row["label"] or "").strip() if labelled else "0"
             if text is None or not label.lstrip("-").isdigit():
                 raise DataError(f"{path}:{number}: 'label' must be an integer and 'text' present, got {label!r}.")
             examples.append(Example(text, int(label)))
@@ -139,22 +143,23 @@ def read_npz(path: str | Path) -> list[Example]:
     return [Example(images[i], int(labels[i])) for i in range(len(labels))]
 
 
-def read_data_file(path: str | Path) -> list[Example]:
-    """Examples from a text file (.jsonl, .csv) or an image file (.npz)."""
+def read_data_file(path: str | Path, labelled: bool = True) -> list[Example]:
+    """Examples from a text file (.jsonl, .csv; `labelled` False: texts alone) or an image file (.npz)."""
     if Path(path).suffix.lower() in IMAGE_FILE_SUFFIXES:
         examples = read_npz(path)
         if not examples:
             raise DataError(f"{path} holds no examples.")
         return examples
-    return read_text_file(path)
+    return read_text_file(path, labelled)
 
 
-def read_text_file(path: str | Path) -> list[Example]:
-    """Text examples from a .jsonl ({"text", "label"} per line) or .csv (text and label columns) file."""
+def read_text_file(path: str | Path, labelled: bool = True) -> list[Example]:
+    """Text examples from a .jsonl ({"text", "label"} per line) or .csv (text and label columns) file;
+    `labelled` False reads the texts alone, for a language model."""
     suffix = Path(path).suffix.lower()
     if suffix not in TEXT_FILE_SUFFIXES:
         raise DataError(f"{path}: expected a {' or '.join(TEXT_FILE_SUFFIXES)} file of text examples.")
-    examples = read_jsonl(path) if suffix == ".jsonl" else read_csv(path)
+    examples = read_jsonl(path, labelled) if suffix == ".jsonl" else read_csv(path, labelled)
     if not examples:
         raise DataError(f"{path} holds no examples.")
     return examples

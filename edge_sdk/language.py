@@ -8,6 +8,7 @@ padding and prompts excluded) and decodes new tokens through the eval graph with
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk.data import Example, batches
+from edge_sdk.protocol.messages import HeadMode
 from edge_sdk.runtime import Backend
-from edge_sdk.trainer import Trainer
+from edge_sdk.trainer import EvalReport, Trainer
 
 IGNORE_INDEX = -100
 """Label of a position that is not trained on or scored (the bundle's `lora.ignore_index`)."""
@@ -67,28 +69,38 @@ class LanguageTrainer(Trainer):
 
     tasks = ("causal-lm",)
 
-    def __init__(self, bundle: str | Path, rank: int, *, threads: int | None = None, verify: bool = True,
-                 backend: Backend = "auto") -> None:
-        super().__init__(bundle, rank, threads=threads, verify=verify, backend=backend)
+    def __init__(self, bundle: str | Path, rank: int, *, device: str = "cpu", threads: int | None = None,
+                 head: HeadMode = "shared", verify: bool = True, backend: Backend = "auto") -> None:
+        super().__init__(bundle, rank, device=device, threads=threads, head=head, verify=verify, backend=backend)
         config = self.manifest.base_model.get("config", {})
         eos = config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     def perplexity(self, texts: Iterable[str | Text | Example], batch_size: int = 4) -> PerplexityReport:
         """Perplexity of the current model on `texts` (eval graph, dropout off), every scored token weighing the same."""
-        examples = self.sequences(texts)
+        report = self.evaluate(texts, batch_size)
+        return PerplexityReport(perplexity=math.exp(report.loss), loss=report.loss, tokens=report.samples)
+
+    def evaluate(self, data: Iterable[str | Text | Example], batch_size: int = 4) -> EvalReport:
+        """Mean next-token loss and top-1 next-token accuracy over every scored position of `data` (`samples`:
+        how many), as the federation client reports a device's local evaluation; macro-F1 is not defined."""
+        examples = self.sequences(data)
+        start = time.perf_counter()
         self.opened.eval_mode()
-        total, count = 0.0, 0
+        total, hits, count = 0.0, 0, 0
         for batch in batches(examples, batch_size, lengths=self.encoder.lengths(examples)):
             feeds = self.encoder(batch)
             labels = self._batch_labels(batch, feeds)
-            scored = int(np.sum(labels != IGNORE_INDEX))
-            if scored:
-                loss, _ = self.opened.run(self._inputs(feeds), labels)
-                total, count = total + float(loss) * scored, count + scored
+            scored = labels != IGNORE_INDEX
+            if scored.any():
+                loss, logits = self.opened.run(self._inputs(feeds), labels)
+                total += float(loss) * int(scored.sum())
+                hits += int(np.sum(np.argmax(logits[scored], axis=-1) == labels[scored]))
+                count += int(scored.sum())
         if count == 0:
             raise ValueError("No token to score: every text is a single token or all prompt.")
-        return PerplexityReport(perplexity=math.exp(total / count), loss=total / count, tokens=count)
+        return EvalReport(loss=total / count, accuracy=hits / count, macro_f1=math.nan, samples=count,
+                          wall_seconds=time.perf_counter() - start)
 
     def generate(self, prompt: str, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
                  seed: int = 0) -> str:

@@ -120,7 +120,12 @@ def worst_case_batch(bundle: str | Path, manifest: Manifest, examples: Sequence[
     order = range(len(examples)) if lengths is None else np.argsort(lengths)[::-1]
     chosen = [examples[i] for i in list(order)[:batch_size]]
     feeds = encoder(chosen)
-    feeds["labels"] = np.array([e.label for e in chosen], dtype=np.int64)
+    if manifest.label_input.axes == ["tokens"]:
+        from edge_sdk.language import next_token_labels
+
+        feeds["labels"] = next_token_labels(feeds["input_ids"], feeds["attention_mask"])
+    else:
+        feeds["labels"] = np.array([e.label for e in chosen], dtype=np.int64)
     return feeds
 
 

@@ -16,7 +16,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer import HeadMode, Trainer
+
+
+def trainer_for(bundle: str | Path, rank: int, **options) -> Trainer:
+    """The trainer of the bundle's task: `LanguageTrainer` for a causal LM, else `Trainer`."""
+    if read_manifest(bundle).task == "causal-lm":
+        from edge_sdk.language import LanguageTrainer
+
+        return LanguageTrainer(bundle, rank, **options)
+    return Trainer(bundle, rank, **options)
 
 
 class TrainerPool:
@@ -41,7 +51,8 @@ class TrainerPool:
             self._free -= need
         try:
             if key not in self._trainers:
-                self._trainers[key] = Trainer(self.bundle, rank, device=self.device, threads=threads, head=self.head)
+                self._trainers[key] = trainer_for(self.bundle, rank, device=self.device, threads=threads,
+                                                  head=self.head)
             yield self._trainers[key]
         finally:
             with self._changed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from edge_sdk.language import IGNORE_INDEX, LanguageTrainer, Text, next_token_la
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A seeded two-layer Llama (grouped-query attention, RMS norm, SiLU, rotary) with the default model's
-    tokenizer, and its bundle at tier r=2 (LoRA on q_proj and v_proj)."""
+    tokenizer, and its bundle at tiers r=2 and r=4 (LoRA on q_proj and v_proj)."""
     import torch
     from click.testing import CliRunner
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,7 +32,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(resolve_model_dir(None) / name, folder / "model" / name)
     result = CliRunner().invoke(export_cli, ["--out", str(folder / "bundle"), "--model", str(folder / "model"),
-                                             "--task", "causal-lm", "--ranks", "2", "--max-seq-len", "64"])
+                                             "--task", "causal-lm", "--ranks", "2,4", "--max-seq-len", "64"])
     assert result.exit_code == 0, result.output
     return folder / "model", folder / "bundle"
 
@@ -105,3 +106,36 @@ def test_a_classification_trainer_refuses_a_language_model_bundle(llama) -> None
 
     with pytest.raises(ValueError, match="LanguageTrainer"):
         Trainer(llama[1], 2)
+
+
+@pytest.mark.slow
+def test_fedpeft_client_federates_a_causal_lm_on_a_jsonl_of_texts(llama, mosquitto, tmp_path: Path) -> None:
+    """Two devices at two tiers train next-token LoRA on their own texts through real mosquitto; the aggregator
+    merges them and the devices report their held-out next-token loss."""
+    import json
+
+    from aggregator.state import StateDir
+    from edge_sdk.protocol import decode_adapter
+    from edge_sdk.protocol.manifest import read_manifest
+    from tests.federation import finish, read_metrics, start_aggregator, start_client
+
+    _, bundle = llama
+    texts = [e.x for e in rotten_tomatoes()[:160]]
+    logs = [tmp_path / "aggregator.log", tmp_path / "a.log", tmp_path / "b.log"]
+    data = []
+    for name, part in (("a", texts[:80]), ("b", texts[80:])):
+        data.append(tmp_path / f"{name}.jsonl")
+        data[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    aggregator = start_aggregator(bundle, mosquitto.url, tmp_path / "state", logs[0], "--federation", "lm",
+                                  "--rounds", "2", "--clients-per-round", "2", "--min-clients", "2", "--steps", "3",
+                                  "--lr", "0.01", "--round-timeout", "300")
+    devices = [start_client(bundle, mosquitto.url, "lm", path, f"writer-{i}", tmp_path / f"c{i}", log, "--threads", "1",
+                            "--eval-fraction", "0.2", "--profile", profile)
+               for i, (path, log, profile) in enumerate(zip(data, logs[1:], ("mid", "high")))]
+    finish([aggregator, *devices], 300, logs)
+    records = read_metrics(tmp_path / "state")
+    assert [sorted(r["participants"]) for r in records] == [["writer-0", "writer-1"]] * 2
+    assert all(math.isfinite(r["clients_eval_loss"]) and 0 <= r["clients_eval_accuracy"] <= 1 for r in records)
+    manifest = read_manifest(bundle)
+    start, end = (decode_adapter(StateDir(tmp_path / "state").globals(n)[4], manifest)[1] for n in (0, 2))
+    assert any(not np.allclose(start.lora[k][1], end.lora[k][1]) for k in start.lora), "the global LoRA moved"
