@@ -46,9 +46,10 @@ def test_a_folder_that_is_not_a_bundle_is_one_line_for_the_aggregator_and_the_cl
                     1, "is not a bundle")
 
 
-def test_client_data_errors_say_what_the_file_must_hold_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+def test_client_data_errors_say_what_the_file_must_hold_and_debug_shows_the_traceback(minilm_bundle: Path,
+                                                                                      tmp_path: Path) -> None:
     runner = CliRunner()
-    base = ["--bundle", str(tmp_path), "--broker", "mqtt://127.0.0.1:1", "--federation", "f"]
+    base = ["--bundle", str(minilm_bundle), "--broker", "mqtt://127.0.0.1:1", "--federation", "f"]
     _one_line_error(runner.invoke(client_cli, [*base, "--data", "imdb"]), 2, "'imdb' is neither", "JSON-lines")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": 1}\nnot json\n')
