@@ -232,8 +232,9 @@ class Aggregator:
                     self._close()
             if not self._stop:
                 finished = RoundTask(round=self.state.round, attempt=0, deadline=time.time(), sampled=[], seed=0,
-                                     finished=True)
-                self.connection.publish_all([(self.topics.task, encode_message(finished), True)], 30)
+                                     globals=self._task_refs(), finished=True)
+                messages = self._global_messages(self.state.round - 1)
+                self.connection.publish_all([*messages, (self.topics.task, encode_message(finished), True)], 60)
                 log.info("federation %s finished after %d rounds", self.options.federation, self.options.rounds)
         finally:
             self.connection.stop()
@@ -271,10 +272,13 @@ class Aggregator:
         count = max(0, self.options.sample_size(len(self.online)) - len(keep))
         rng = np.random.default_rng([self.options.seed, self.state.round, attempt])
         picked = sorted(rng.choice(candidates, size=min(count, len(candidates)), replace=False).tolist()) if count else []
-        refs = {str(rank): GlobalAdapterRef(**ref) for rank, ref in self._global_refs().items()}
         return RoundTask(round=self.state.round, attempt=attempt, deadline=time.time() + self.options.round_timeout,
-                         sampled=sorted(keep + picked), seed=int(rng.integers(2**31)), globals=refs,
+                         sampled=sorted(keep + picked), seed=int(rng.integers(2**31)), globals=self._task_refs(),
                          population=len(self.online) if population is None else population)
+
+    def _task_refs(self) -> dict[str, GlobalAdapterRef]:
+        """Per tier, the global the open round starts from (after the last round: the federation's final one)."""
+        return {str(rank): GlobalAdapterRef(**ref) for rank, ref in self._global_refs().items()}
 
     def _global_refs(self) -> dict[int, dict]:
         payloads = self.store.globals(self.state.round - 1)
@@ -288,14 +292,7 @@ class Aggregator:
         """Retained global chunks per tier first, then the task that points at them; persisted before publishing."""
         self.state.task = task
         self.store.save(self.state)
-        messages = []
-        for rank, payload in sorted(self.store.globals(task.round - 1).items()):
-            chunks = split_payload(payload, self.options.chunk_size)
-            messages += [(self.topics.global_chunk(rank, i), c, True) for i, c in enumerate(chunks)]
-            stale = range(len(chunks), self._published_chunks.get(rank, 0))
-            messages += [(self.topics.global_chunk(rank, i), b"", True) for i in stale]
-            self._published_chunks[rank] = len(chunks)
-        messages.append((self.topics.task, encode_message(task), True))
+        messages = [*self._global_messages(task.round - 1), (self.topics.task, encode_message(task), True)]
         self.connection.publish_all(messages, timeout=60)
         log.info("round %d (attempt %d): sampled %s, deadline in %.0f s", task.round, task.attempt,
                  ", ".join(task.sampled), task.deadline - time.time())
@@ -379,6 +376,18 @@ class Aggregator:
                 return merged
             raise StateError(f"round {round_number}: the merge fails ({failure}) with any single update left out; "
                              "report this as a bug with the round's folder.") from err
+
+    def _global_messages(self, round_number: int) -> list[tuple[str, bytes, bool]]:
+        """Retained chunks of every tier's global after `round_number`, and empty retained messages that clear
+        the chunk topics a longer earlier global left behind."""
+        messages = []
+        for rank, payload in sorted(self.store.globals(round_number).items()):
+            chunks = split_payload(payload, self.options.chunk_size)
+            messages += [(self.topics.global_chunk(rank, i), c, True) for i, c in enumerate(chunks)]
+            stale = range(len(chunks), self._published_chunks.get(rank, 0))
+            messages += [(self.topics.global_chunk(rank, i), b"", True) for i in stale]
+            self._published_chunks[rank] = len(chunks)
+        return messages
 
     def _announce_missed(self) -> None:
         """Announce the last closed round again if a kill came between advancing the state and announcing it."""

@@ -116,7 +116,9 @@ class FederatedClient:
     reported. Hooks for the host app: `on_progress(round, step, loss)` during training,
     `on_global(round, adapter)` when the global adapter a round starts from arrives, and
     `evaluate(predictor)` after local training, with a `Predictor` on the trained adapter; the
-    numbers it returns travel to the aggregator in the upload's header as `app_<name>`.
+    numbers it returns travel to the aggregator in the upload's header as `app_<name>`. After the
+    federation, `personalize(steps)` fine-tunes the final global on the device's own data into a
+    personal adapter that stays on the device.
     """
 
     def __init__(
@@ -152,6 +154,10 @@ class FederatedClient:
         self.rank: int | None = None
         self.fixed_rank, self.on_global, self.app_evaluate = rank, on_global, evaluate
         self._trainable: dict | None = None
+        self.global_adapter: Adapter | None = None
+        """The latest global adapter of this device's tier: a round's starting point, or the federation's final one."""
+        self.personal_adapter: Adapter | None = None
+        self._final_received = False
         self.config: FederationConfig | None = None
         self._task: RoundTask | None = None
         self._globals = Reassembler(max_payload_bytes(self.manifest))
@@ -202,6 +208,22 @@ class FederatedClient:
         log.info("%s joined %s at tier r=%d (formula r=%d)", self.client_id, self.federation, rank,
                  self.rank_choice.raw_rank)
 
+    def personalize(self, steps: int, *, data: Dataset | None = None, lr: float | None = None,
+                    batch_size: int | None = None, seed: int = 0) -> Adapter:
+        """Fine-tune `steps` batches of the device's own data (default: its round-0 data) from the latest global
+        adapter, at the federation's local learning rate and batch size unless given; the result is kept as
+        `personal_adapter`, never uploaded. Load it into a `Predictor` or `LanguageTrainer` to use it."""
+        if self.global_adapter is None or self.rank is None or self.trainers is None or self.config is None:
+            raise RuntimeError(f"{self.client_id} has no global adapter yet: run the federation (run()) first.")
+        training = self.config.training
+        examples = list(data) if data is not None else self._round_data(0)
+        with self.trainers.lease(self.rank, self.profile.threads if self.profile else None) as trainer:
+            trainer.load_state(self._trainable, self.global_adapter)
+            trainer.fit(examples, steps=steps, batch_size=batch_size or training.batch_size,
+                        lr=training.lr if lr is None else lr, seed=seed)
+            self.personal_adapter = trainer.get_adapter()
+        return self.personal_adapter
+
     def _checked_fixed_rank(self, config: FederationConfig) -> int:
         """The tier given to the constructor, if the federation has it and this device's memory holds it."""
         assert self.fixed_rank is not None and self.rank_choice is not None
@@ -235,7 +257,10 @@ class FederatedClient:
             self.start()
         while True:
             task = self._wait(self._next_task, timeout, "a round task", allow_stop=True)
-            if task is None or task.finished:
+            if task is None:
+                return None
+            if task.finished:
+                self._receive_final(task)
                 return None
             if self.available is None or self.available(task.round):
                 return self._train_and_upload(task)
@@ -284,6 +309,7 @@ class FederatedClient:
         received = None
         if ref is not None:
             _, received = decode_adapter(self._download(ref.sha256), self.manifest)
+            self.global_adapter = received
             if self.on_global is not None:
                 self.on_global(task.round, received)
         training = self.config.training
@@ -323,6 +349,17 @@ class FederatedClient:
                  report.mean_loss, len(payload))
         return RoundReport(task.round, rank, len(examples), report.steps, report.wall_seconds, report.cpu_seconds,
                            report.mean_loss, len(payload), evaluation)
+
+    def _receive_final(self, task: RoundTask) -> None:
+        """Download the federation's final global for this tier, once (`on_global` gets it as round rounds + 1)."""
+        assert self.rank is not None
+        ref = task.global_for(self.rank)
+        if ref is None or self._final_received:
+            return
+        _, self.global_adapter = decode_adapter(self._download(ref.sha256), self.manifest)
+        self._final_received = True
+        if self.on_global is not None:
+            self.on_global(task.round, self.global_adapter)
 
     def _round_data(self, round_number: int) -> list[Example]:
         data = self.data(round_number) if callable(self.data) else self.data

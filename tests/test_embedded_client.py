@@ -68,12 +68,15 @@ def test_two_app_clients_federate_through_the_embedded_broker_and_a_late_one_ret
     assert reports["late"] == []
     store = StateDir(tmp_path / "state")
     for name in ("app0", "app1"):
-        assert [r for r, _ in received[name]] == [2], "round 1 starts from the bundle; round 2 from round 1's global"
+        assert [r for r, _ in received[name]] == [2, 3], \
+            "round 1 starts from the bundle, round 2 from round 1's global; the finished federation hands over round 2's"
         rank = aggregator.records[0].ranks[name]
-        _, expected = decode_adapter(store.globals(1)[rank], read_manifest(minilm_bundle))
-        for layer, (a, b) in expected.lora.items():
-            np.testing.assert_array_equal(received[name][0][1].lora[layer][0], a)
-            np.testing.assert_array_equal(received[name][0][1].lora[layer][1], b)
+        for (_, got), after in zip(received[name], (1, 2)):
+            _, expected = decode_adapter(store.globals(after)[rank], read_manifest(minilm_bundle))
+            for layer, (a, b) in expected.lora.items():
+                np.testing.assert_array_equal(got.lora[layer][0], a)
+                np.testing.assert_array_equal(got.lora[layer][1], b)
+        assert clients[int(name[-1])].global_adapter is received[name][-1][1]
         sent = [record.client_metrics[name]["app_held_out_accuracy"] for record in aggregator.records]
         assert sent == scored[name] and all(0 <= x <= 1 for x in sent)
 

