@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edge_sdk.protocol.manifest import read_manifest
+from edge_sdk.runtime import Backend
 from edge_sdk.trainer import HeadMode, Trainer
 
 
@@ -33,8 +34,8 @@ class TrainerPool:
     """Lends an opened `Trainer` per (rank, threads); `lease` blocks while that trainer or the cores are busy."""
 
     def __init__(self, bundle: str | Path, *, device: str = "cpu", head: HeadMode = "shared",
-                 cores: int | None = None) -> None:
-        self.bundle, self.device, self.head = Path(bundle), device, head
+                 cores: int | None = None, backend: Backend = "auto") -> None:
+        self.bundle, self.device, self.head, self.backend = Path(bundle), device, head, backend
         self.cores = cores or os.cpu_count() or 1
         self._trainers: dict[tuple[int, int | None], Trainer] = {}
         self._busy: set[tuple[int, int | None]] = set()
@@ -52,7 +53,7 @@ class TrainerPool:
         try:
             if key not in self._trainers:
                 self._trainers[key] = trainer_for(self.bundle, rank, device=self.device, threads=threads,
-                                                  head=self.head)
+                                                  head=self.head, backend=self.backend)
             yield self._trainers[key]
         finally:
             with self._changed:

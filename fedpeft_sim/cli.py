@@ -22,6 +22,7 @@ from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.codec import DTYPES
 from edge_sdk.protocol.manifest import BundleError, read_manifest
+from edge_sdk.runtime import Backend
 from fedpeft_sim import plots
 from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
 from fedpeft_sim.full_fedavg import run_full_fedavg
@@ -274,10 +275,14 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
 @click.option("--strategy", type=click.Choice(sorted(RUNNABLE)), default=DEFAULT_STRATEGY, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--backend", type=click.Choice(get_args(Backend)), default="auto", show_default=True,
+              help="The devices' training path (portable: plain onnxruntime, no session reopened per adapter).")
+@click.option("--max-eval-texts", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Held-out speeches scored per user.")
 @one_line_errors()
 def personalize(bundle: Path, corpus: Path, out: Path, users: int, clients_per_round: int, rounds: int, steps: int,
                 batch_size: int, lr: float, personal_steps: int, local_steps: int, strategy: str, seed: int,
-                threads: int) -> None:
+                threads: int, backend: str, max_eval_texts: int) -> None:
     """Federate a causal LM over Shakespeare's characters, then score each user's held-out speeches with the base,
     the global, the personalized global and local-only training; summary in OUT/summary.json."""
     from fedpeft_sim.personalization import PersonalizationConfig, run_personalization
@@ -287,7 +292,8 @@ def personalize(bundle: Path, corpus: Path, out: Path, users: int, clients_per_r
     config = PersonalizationConfig(
         bundle=bundle, corpus=corpus, out=out, users=users, clients_per_round=min(clients_per_round, users),
         rounds=rounds, steps=steps, batch_size=batch_size, lr=lr, personal_steps=personal_steps,
-        local_steps=local_steps, strategy=strategy, seed=seed, threads=threads)
+        local_steps=local_steps, strategy=strategy, seed=seed, threads=threads, backend=backend,
+        max_eval_texts=max_eval_texts)
     try:
         summary = run_personalization(config)
     except ValueError as err:

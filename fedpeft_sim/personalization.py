@@ -31,6 +31,7 @@ from edge_sdk.language import LanguageTrainer
 from edge_sdk.protocol import TrainingConfig, decode_adapter
 from edge_sdk.protocol.adapter import Adapter
 from edge_sdk.protocol.manifest import read_manifest
+from edge_sdk.runtime import Backend
 from edge_sdk.trainer_pool import TrainerPool
 from fedpeft_sim.shakespeare import read_archive, users
 from fedpeft_sim.simulation import _guard
@@ -60,9 +61,13 @@ class PersonalizationConfig:
     """Local-only training: steps from the bundle's initial adapter on the user's own speeches, same lr."""
     held_out: float = 0.2
     max_eval_texts: int = 24
+    curve_texts: int = 4
+    """Held-out speeches per user in the pooled set each round's global is scored on (the learning curve)."""
     strategy: str = "svd-weighted"
     seed: int = 0
     threads: int = 2
+    backend: Backend = "auto"
+    """The devices' training path; "portable" swaps adapters without reopening a session (AdamW state is numpy)."""
     sample_users: int = 2
     """Users whose generations (same prompt, base / global / personalized) go into the summary."""
     sample_tokens: int = 24
@@ -96,7 +101,7 @@ def load_users(config: PersonalizationConfig) -> list[User]:
 
 
 class RoundLog:
-    """Per round: the global's perplexity at the top tier on every user's held-out speeches pooled (the curve)."""
+    """Per round: the global's perplexity at the top tier on the first held-out speeches of every user (the curve)."""
 
     def __init__(self, config: PersonalizationConfig, pool: TrainerPool, texts: list[str]) -> None:
         self.config, self.pool, self.texts = config, pool, texts
@@ -123,8 +128,8 @@ def run_personalization(config: PersonalizationConfig) -> dict:
         shutil.rmtree(config.out)
     config.out.mkdir(parents=True)
     people = load_users(config)
-    pool = TrainerPool(config.bundle, cores=config.threads)
-    pooled = [t for u in people for t in u.test]
+    pool = TrainerPool(config.bundle, cores=config.threads, backend=config.backend)
+    pooled = [t for u in people for t in u.test[: config.curve_texts]]
     rounds = RoundLog(config, pool, pooled)
     with pool.lease(max(read_manifest(config.bundle).ranks), config.threads) as lm:
         lm.load_state(None)

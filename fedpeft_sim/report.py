@@ -27,7 +27,7 @@ from edge_sdk.files import write_atomic
 from edge_sdk.protocol import TrainingConfig
 from edge_sdk.protocol.manifest import read_manifest
 from edge_sdk.trainer_pool import TrainerPool
-from fedpeft_sim import plots, records
+from fedpeft_sim import lm_report, plots, records
 from fedpeft_sim.full_fedavg import STRATEGY as FULL_FEDAVG
 from fedpeft_sim.full_fedavg import run_full_fedavg
 from fedpeft_sim.pretrain_vit import PRETRAINING_FILE
@@ -316,6 +316,7 @@ def render(plan: Plan, results: dict[str, tuple[dict, list[dict]]], ceiling: dic
     else:
         lines += ["## Image task: Fashion-MNIST transfer", "",
                   "No image run is recorded yet (`bash scripts/report.sh --only 'fmnist/*'`).", ""]
+    lines += lm_report.section(records_folder(docs))
     lines += _not_measured()
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(lines))

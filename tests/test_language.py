@@ -164,6 +164,7 @@ def test_a_language_federation_hands_every_user_its_final_global_and_a_personal_
     from aggregator.state import StateDir
     from edge_sdk.protocol import decode_adapter
     from edge_sdk.protocol.manifest import read_manifest
+    from fedpeft_sim import lm_report
     from fedpeft_sim.cli import main as sim_cli
     from fedpeft_sim.personalization import PersonalizationConfig, load_users
 
@@ -189,6 +190,11 @@ def test_a_language_federation_hands_every_user_its_final_global_and_a_personal_
         lm = LanguageTrainer(bundle, user.rank, threads=2)
         lm.load_state(None, final[user.rank])
         assert lm.perplexity(user.test).perplexity == pytest.approx(row["global"], rel=1e-6), "the device's final global"
+    store = tmp_path / "runs"
+    (store / "lm").mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "summary.json", store / "lm" / "tiny-llama_s0.json")
+    text = "\n".join(lm_report.section(store))
+    assert "### tiny-llama_s0" in text and "| worst user |" in text and "prompt \"" in text
     missing = CliRunner().invoke(sim_cli, ["personalize", "--bundle", str(bundle), "--corpus", str(tmp_path / "no.tar.gz"),
                                            "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "scripts/shakespeare.sh" in missing.output
