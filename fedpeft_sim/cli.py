@@ -270,6 +270,9 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--personal-steps", type=click.IntRange(min=1), default=5, show_default=True,
               help="Steps each user fine-tunes the final global on its own speeches.")
+@click.option("--personal-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate of personalization [default: --lr].")
+@click.option("--reuse", is_flag=True, help="Keep OUT's finished federation and only score the users again.")
 @click.option("--local-steps", type=click.IntRange(min=1), default=20, show_default=True,
               help="Steps of the local-only baseline (no federation).")
 @click.option("--strategy", type=click.Choice(sorted(RUNNABLE)), default=DEFAULT_STRATEGY, show_default=True)
@@ -282,7 +285,7 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
 @one_line_errors()
 def personalize(bundle: Path, corpus: Path, out: Path, users: int, clients_per_round: int, rounds: int, steps: int,
                 batch_size: int, lr: float, personal_steps: int, local_steps: int, strategy: str, seed: int,
-                threads: int, backend: str, max_eval_texts: int) -> None:
+                threads: int, backend: str, max_eval_texts: int, personal_lr: float | None, reuse: bool) -> None:
     """Federate a causal LM over Shakespeare's characters, then score each user's held-out speeches with the base,
     the global, the personalized global and local-only training; summary in OUT/summary.json."""
     from fedpeft_sim.personalization import PersonalizationConfig, run_personalization
@@ -293,7 +296,7 @@ def personalize(bundle: Path, corpus: Path, out: Path, users: int, clients_per_r
         bundle=bundle, corpus=corpus, out=out, users=users, clients_per_round=min(clients_per_round, users),
         rounds=rounds, steps=steps, batch_size=batch_size, lr=lr, personal_steps=personal_steps,
         local_steps=local_steps, strategy=strategy, seed=seed, threads=threads, backend=backend,
-        max_eval_texts=max_eval_texts)
+        max_eval_texts=max_eval_texts, personal_lr=personal_lr, reuse=reuse)
     try:
         summary = run_personalization(config)
     except ValueError as err:
@@ -301,6 +304,10 @@ def personalize(bundle: Path, corpus: Path, out: Path, users: int, clients_per_r
     click.echo(json.dumps({k: summary[k] for k in ("users", "ranks", "mean_perplexity", "worst_perplexity",
                                                    "global_vs_base_mean_reduction", "personalized_below_global_share",
                                                    "personalized_below_local_only_share")}, indent=1))
+    for sample in summary["samples"]:
+        click.echo(f"\n{sample['user']} (r={sample['rank']}), prompt: {sample['prompt']!r}")
+        for setting in ("base", "global", "personalized"):
+            click.echo(f"  {setting:>12}: {' '.join(sample[setting].split())}")
 
 
 def _report_bundle(path: Path, *export_args: str) -> Path:

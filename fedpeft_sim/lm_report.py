@@ -43,7 +43,9 @@ def _run(name: str, s: dict) -> list[str]:
         f"{c['steps']} local AdamW steps of {c['batch_size']} speeches at lr {c['lr']:g} (about "
         f"{participation:.1f} rounds a user); personalization: {c['personal_steps']} steps on the user's own "
         f"speeches from the final global; local-only: {c['local_steps']} steps from the bundle's initial adapter. "
-        f"One seed ({c['seed']}); {s['wall_seconds'] / 60:.0f} min on this machine.", "",
+        f"Personalization lr {c['personal_lr'] or c['lr']:g}. One seed ({c['seed']}); "
+        + (f"{s['wall_seconds'] / 60:.0f} min of scoring on a resumed finished federation." if c.get("reuse")
+           else f"{s['wall_seconds'] / 60:.0f} min on this machine."), "",
         "| held-out perplexity | " + " | ".join(LABELS[k] for k in SETTINGS) + " |",
         "|---|" + "---:|" * len(SETTINGS),
         "| mean over users | " + " | ".join(f"{s['mean_perplexity'][k]:.1f}" for k in SETTINGS) + " |",

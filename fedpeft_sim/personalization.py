@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.broker import AGGREGATOR_USER, local_broker
-from aggregator.records import RoundRecord
 from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
@@ -57,6 +56,8 @@ class PersonalizationConfig:
     batch_size: int = 8
     lr: float = 1e-3
     personal_steps: int = 5
+    personal_lr: float | None = None
+    """Learning rate of personalization (None: `lr`)."""
     local_steps: int = 20
     """Local-only training: steps from the bundle's initial adapter on the user's own speeches, same lr."""
     held_out: float = 0.2
@@ -71,6 +72,8 @@ class PersonalizationConfig:
     sample_users: int = 2
     """Users whose generations (same prompt, base / global / personalized) go into the summary."""
     sample_tokens: int = 24
+    reuse: bool = False
+    """Keep the run folder's finished federation (its state) and only score again."""
 
 
 @dataclass
@@ -100,23 +103,16 @@ def load_users(config: PersonalizationConfig) -> list[User]:
     return out
 
 
-class RoundLog:
-    """Per round: the global's perplexity at the top tier on the first held-out speeches of every user (the curve)."""
-
-    def __init__(self, config: PersonalizationConfig, pool: TrainerPool, texts: list[str]) -> None:
-        self.config, self.pool, self.texts = config, pool, texts
-        self.store, self.manifest = StateDir(config.out / "state"), read_manifest(config.bundle)
-        self.rows: list[dict] = []
-
-    def __call__(self, record: RoundRecord) -> None:
-        top = max(self.manifest.ranks)
-        adapter = decode_adapter(self.store.globals(record.round)[top], self.manifest)[1]
-        with self.pool.lease(top, self.config.threads) as lm:
-            lm.load_state(None, adapter)
-            report = lm.perplexity(self.texts)
-        self.rows.append({"round": record.round, "participants": len(record.participants),
-                          "bytes_up": record.bytes_accepted, "pooled_perplexity": report.perplexity})
-        log.info("round %d: pooled held-out perplexity %.2f at r=%d", record.round, report.perplexity, top)
+def curve(config: PersonalizationConfig, pool: TrainerPool, texts: list[str]) -> list[dict]:
+    """Per round (0: the base model), the stored global's perplexity at the top tier on `texts`."""
+    manifest, store = read_manifest(config.bundle), StateDir(config.out / "state")
+    top, rows = max(manifest.ranks), []
+    with pool.lease(top, config.threads) as lm:
+        for number in range(config.rounds + 1):
+            lm.load_state(None, decode_adapter(store.globals(number)[top], manifest)[1] if number else None)
+            rows.append({"round": number, "pooled_perplexity": lm.perplexity(texts).perplexity})
+            log.info("round %d: pooled held-out perplexity %.2f at r=%d", number, rows[-1]["pooled_perplexity"], top)
+    return rows
 
 
 def run_personalization(config: PersonalizationConfig) -> dict:
@@ -124,30 +120,28 @@ def run_personalization(config: PersonalizationConfig) -> dict:
     started = time.perf_counter()
     if read_manifest(config.bundle).task != "causal-lm":
         raise ValueError(f"{config.bundle} is not a causal-LM bundle: export one with fedpeft-export --task causal-lm.")
-    if config.out.exists():
+    if config.reuse:
+        if not (config.out / "state").is_dir():
+            raise ValueError(f"{config.out} holds no federation to reuse: run without --reuse first.")
+    elif config.out.exists():
         shutil.rmtree(config.out)
-    config.out.mkdir(parents=True)
+    config.out.mkdir(parents=True, exist_ok=True)
     people = load_users(config)
     pool = TrainerPool(config.bundle, cores=config.threads, backend=config.backend)
-    pooled = [t for u in people for t in u.test[: config.curve_texts]]
-    rounds = RoundLog(config, pool, pooled)
-    with pool.lease(max(read_manifest(config.bundle).ranks), config.threads) as lm:
-        lm.load_state(None)
-        base_pooled = lm.perplexity(pooled).perplexity
-    devices = _federate(config, people, pool, rounds)
+    devices = _federate(config, people, pool)
     results = [_score(config, pool, user, device) for user, device in zip(people, devices)]
     samples = [_samples(config, pool, user, device) for user, device in
                zip(people[: config.sample_users], devices[: config.sample_users])]
-    summary = summarize(config, people, results, samples, [{"round": 0, "pooled_perplexity": base_pooled},
-                                                            *rounds.rows])
+    rounds = curve(config, pool, [t for u in people for t in u.test[: config.curve_texts]])
+    summary = summarize(config, people, results, samples, rounds)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     (config.out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
 
-def _federate(config: PersonalizationConfig, people: list[User], pool: TrainerPool,
-              on_round: RoundLog) -> list[FederatedClient]:
-    """The aggregator service and one SDK client per user on a loopback broker, run to the last round."""
+def _federate(config: PersonalizationConfig, people: list[User], pool: TrainerPool) -> list[FederatedClient]:
+    """The aggregator service and one SDK client per user on a loopback broker, run to the last round (a
+    finished federation in the run folder is resumed: its devices only receive the final globals)."""
     broker = local_broker(config.out / "broker", [u.client_id for u in people]).start()
     federation = f"lm{config.seed}-{zlib.crc32(str(config.out).encode()):08x}"
     options = AggregatorOptions(
@@ -156,7 +150,7 @@ def _federate(config: PersonalizationConfig, people: list[User], pool: TrainerPo
         strategy=config.strategy, seed=config.seed,
         training=TrainingConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, schedule="constant"),
     )
-    aggregator = Aggregator(config.bundle, broker.login(AGGREGATOR_USER), options, on_round=on_round)
+    aggregator = Aggregator(config.bundle, broker.login(AGGREGATOR_USER), options)
     failures: list[BaseException] = []
     threads = [threading.Thread(target=_guard(aggregator.run, failures), name="aggregator", daemon=True)]
     threads[0].start()
@@ -186,7 +180,7 @@ def _federate(config: PersonalizationConfig, people: list[User], pool: TrainerPo
 
 def _score(config: PersonalizationConfig, pool: TrainerPool, user: User, device: FederatedClient) -> dict:
     """The user's held-out perplexity under the base, global, personalized and local-only adapters."""
-    personal = device.personalize(config.personal_steps, seed=config.seed)
+    personal = device.personalize(config.personal_steps, lr=config.personal_lr, seed=config.seed)
     with pool.lease(user.rank, config.threads) as lm:
         scores = {}
         for setting, adapter in (("base", None), ("global", device.global_adapter), ("personalized", personal)):

@@ -175,6 +175,7 @@ def test_a_language_federation_hands_every_user_its_final_global_and_a_personal_
         "--users", "4", "--clients-per-round", "4", "--rounds", "2", "--steps", "3", "--lr", "1e-2",
         "--personal-steps", "4", "--local-steps", "4"])
     assert result.exit_code == 0, result.output
+    assert result.output.count("personalized: ") == 2, "the two users' samples are printed"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["users"] == 4 and summary["ranks"] == [2, 4]
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
@@ -190,6 +191,15 @@ def test_a_language_federation_hands_every_user_its_final_global_and_a_personal_
         lm = LanguageTrainer(bundle, user.rank, threads=2)
         lm.load_state(None, final[user.rank])
         assert lm.perplexity(user.test).perplexity == pytest.approx(row["global"], rel=1e-6), "the device's final global"
+    again = CliRunner().invoke(sim_cli, [
+        "personalize", "--bundle", str(bundle), "--corpus", str(corpus), "--out", str(tmp_path / "run"),
+        "--users", "4", "--clients-per-round", "4", "--rounds", "2", "--steps", "3", "--lr", "1e-2",
+        "--personal-steps", "4", "--personal-lr", "1e-3", "--local-steps", "4", "--reuse"])
+    assert again.exit_code == 0, again.output
+    rescored = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["global"] for r in rescored["per_user"]] == [r["global"] for r in summary["per_user"]], \
+        "a reused federation hands over the same final globals"
+    assert rescored["rounds"] == summary["rounds"] and len(StateDir(tmp_path / "run" / "state").globals(3)) == 0
     store = tmp_path / "runs"
     (store / "lm").mkdir(parents=True)
     shutil.copy(tmp_path / "run" / "summary.json", store / "lm" / "tiny-llama_s0.json")
