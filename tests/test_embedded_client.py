@@ -77,6 +77,19 @@ def test_two_app_clients_federate_through_the_embedded_broker_and_a_late_one_ret
                 np.testing.assert_array_equal(got.lora[layer][0], a)
                 np.testing.assert_array_equal(got.lora[layer][1], b)
         assert clients[int(name[-1])].global_adapter is received[name][-1][1]
+    personal = clients[0].personalize(2)
+    assert clients[0].personal_adapter is personal and personal.rank == clients[0].rank
+    assert any(not np.array_equal(personal.lora[k][1], clients[0].global_adapter.lora[k][1]) for k in personal.lora)
+
+
+def test_personalize_needs_the_federations_global_first(minilm_bundle, tmp_path):
+    from edge_sdk.protocol.transport import BrokerSettings
+
+    pool, _ = rotten_tomatoes_split()
+    client = FederatedClient(minilm_bundle, BrokerSettings.from_url("mqtt://127.0.0.1:1"), "solo", data=pool[:8],
+                             client_id="solo", state_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="no global adapter yet"):
+        client.personalize(2)
         sent = [record.client_metrics[name]["app_held_out_accuracy"] for record in aggregator.records]
         assert sent == scored[name] and all(0 <= x <= 1 for x in sent)
 
