@@ -26,6 +26,7 @@ from aggregator.service import Aggregator, AggregatorOptions
 from aggregator.state import StateDir
 from edge_sdk.client import FederatedClient
 from edge_sdk.data import Example
+from edge_sdk.files import write_atomic
 from edge_sdk.language import LanguageTrainer
 from edge_sdk.protocol import TrainingConfig, decode_adapter
 from edge_sdk.protocol.adapter import Adapter
@@ -135,7 +136,7 @@ def run_personalization(config: PersonalizationConfig) -> dict:
     rounds = curve(config, pool, [t for u in people for t in u.test[: config.curve_texts]])
     summary = summarize(config, people, results, samples, rounds)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    write_atomic(config.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary
 
 
