@@ -356,7 +356,15 @@ class FederatedClient:
         ref = task.global_for(self.rank)
         if ref is None or self._final_received:
             return
-        _, self.global_adapter = decode_adapter(self._download(ref.sha256), self.manifest)
+        try:
+            payload = self._download(ref.sha256)
+        except (TimeoutError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not self._stop.is_set():
+                raise
+            log.warning("%s: the federation's final global did not arrive (%s); global_adapter stays the last "
+                        "round's", self.client_id, err)
+            return
+        _, self.global_adapter = decode_adapter(payload, self.manifest)
         self._final_received = True
         if self.on_global is not None:
             self.on_global(task.round, self.global_adapter)
